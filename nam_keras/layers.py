@@ -1,0 +1,195 @@
+"""The Normalization-based Attention Module (NAM) as a Keras 3 layer."""
+
+import keras
+from keras import ops
+
+#: BatchNormalization settings of the Paddle/PyTorch reference (Keras' own
+#: defaults, 1e-3 and 0.99, give a different model).
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9
+
+# Guard for sum |gamma| = 0: then every |gamma_c| is 0 too and the weights are 0.
+_TINY = 1e-12
+
+
+@keras.saving.register_keras_serializable(package="nam_keras")
+class NAMAttention(keras.layers.Layer):
+    """Normalization-based attention (Liu et al., 2021, arXiv 2111.12419).
+
+    Channel attention: for a feature map `x` of shape `(N, H, W, C)`,
+
+        y = BN(x)                              # own BatchNormalization
+        w_c = |gamma_c| / sum_j |gamma_j|      # from the BN scale factors
+        out = sigmoid(w * y) * x
+
+    Pixel (spatial) attention applies the same formula with the `H * W`
+    pixel positions in the role of channels (a BN whose features are the
+    positions, statistics over the batch and the channels), after the
+    channel attention (CBAM order). It needs a static `H` and `W`.
+
+    The layer adds the L1 sparsity penalty of the paper's eq. 4,
+    `sparsity * (sum |gamma| + sum |lambda|)`, with `self.add_loss`,
+    always computed in float32.
+
+    Args:
+        channel: apply channel attention. Defaults to `True`.
+        spatial: apply pixel (spatial) attention. Defaults to `False`.
+        sparsity: weight `p` of the L1 penalty on the NAM BN scale factors;
+            `0` disables it. Defaults to `1e-4`.
+        stop_gradient: if `True`, no gradient flows through the attention
+            weights `w` (the official PyTorch code, which reads
+            `bn.weight.data`); the BN scale still learns through `y` and the
+            penalty. Defaults to `False` (the seed Paddle code).
+        epsilon: BN epsilon. Defaults to `1e-5`.
+        momentum: BN momentum in Keras' meaning
+            (`moving = momentum * moving + (1 - momentum) * batch`).
+            Defaults to `0.9`.
+        **kwargs: base layer arguments (`name`, `dtype`, `trainable`, ...).
+
+    Example:
+
+    >>> import numpy as np, keras, nam_keras
+    >>> layer = nam_keras.NAMAttention()
+    >>> x = np.random.default_rng(0).normal(size=(2, 8, 8, 16)).astype("float32")
+    >>> layer(x, training=True).shape
+    (2, 8, 8, 16)
+    >>> [round(float(v), 6) for v in layer.losses]   # 1e-4 * sum |gamma| = 1e-4 * 16
+    [0.0016]
+    """
+
+    def __init__(
+        self,
+        channel=True,
+        spatial=False,
+        sparsity=1e-4,
+        stop_gradient=False,
+        epsilon=BN_EPSILON,
+        momentum=BN_MOMENTUM,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not (channel or spatial):
+            raise ValueError(
+                "NAMAttention needs channel=True, spatial=True or both; "
+                f"received channel={channel!r}, spatial={spatial!r}."
+            )
+        try:
+            sparsity = float(sparsity)
+        except (TypeError, ValueError):
+            sparsity = float("nan")
+        if not sparsity >= 0.0:  # also rejects NaN
+            raise ValueError(
+                "`sparsity` must be a number >= 0 (0 disables the penalty); "
+                f"received sparsity={sparsity!r}."
+            )
+        if not 0.0 <= float(momentum) < 1.0:
+            raise ValueError(f"`momentum` must be in [0, 1); received {momentum!r}.")
+        if not float(epsilon) > 0.0:
+            raise ValueError(f"`epsilon` must be > 0; received {epsilon!r}.")
+        self.channel = bool(channel)
+        self.spatial = bool(spatial)
+        self.sparsity = sparsity
+        self.stop_gradient = bool(stop_gradient)
+        self.epsilon = float(epsilon)
+        self.momentum = float(momentum)
+
+        def bn(name, axis):
+            return keras.layers.BatchNormalization(
+                axis=axis,
+                epsilon=self.epsilon,
+                momentum=self.momentum,
+                dtype=self.dtype_policy,
+                name=name,
+            )
+
+        # Channel BN normalises axis -1 of (N, H, W, C); pixel BN normalises
+        # axis 1 of the (N, H*W, C) view, i.e. one feature per position.
+        self.channel_bn = bn("channel_bn", -1) if self.channel else None
+        self.spatial_bn = bn("spatial_bn", 1) if self.spatial else None
+
+    def build(self, input_shape):
+        if len(input_shape) != 4:
+            raise ValueError(
+                "NAMAttention expects a rank-4 input (batch, height, width, "
+                f"channels); received input_shape={tuple(input_shape)}."
+            )
+        _, height, width, channels = input_shape
+        if channels is None:
+            raise ValueError(
+                "NAMAttention needs a static channel dimension; received "
+                f"input_shape={tuple(input_shape)}."
+            )
+        if self.channel:
+            self.channel_bn.build(input_shape)
+        if self.spatial:
+            if height is None or width is None:
+                raise ValueError(
+                    "NAMAttention(spatial=True) needs a static height and "
+                    "width (one BN feature per pixel position); received "
+                    f"input_shape={tuple(input_shape)}."
+                )
+            self.spatial_bn.build((input_shape[0], height * width, channels))
+        self.input_spec = keras.layers.InputSpec(
+            ndim=4, axes={1: height, 2: width, 3: channels}
+        )
+
+    @staticmethod
+    def _l1(gamma):
+        return ops.sum(ops.abs(ops.cast(gamma, "float32")))
+
+    def _weights_from(self, gamma):
+        """`|gamma| / sum |gamma|` in float32, guarded against a zero sum."""
+        g = ops.abs(ops.cast(gamma, "float32"))
+        return g / ops.maximum(ops.sum(g), _TINY)
+
+    def attention_weights(self):
+        """Current NAM weights as NumPy arrays, keyed `"channel"`/`"spatial"`."""
+        out = {}
+        if self.channel:
+            out["channel"] = ops.convert_to_numpy(self._weights_from(self.channel_bn.gamma))
+        if self.spatial:
+            out["spatial"] = ops.convert_to_numpy(self._weights_from(self.spatial_bn.gamma))
+        return out
+
+    def _gate(self, x, bn, training):
+        y = bn(x, training=training)
+        w = self._weights_from(bn.gamma)
+        if self.stop_gradient:
+            w = ops.stop_gradient(w)
+        w = ops.cast(w, self.compute_dtype)
+        if bn is self.spatial_bn:
+            w = ops.expand_dims(w, -1)  # (H*W, 1) against (N, H*W, C)
+        return ops.sigmoid(w * y) * x
+
+    def call(self, inputs, training=None):
+        x = ops.cast(inputs, self.compute_dtype)
+        penalty = None
+        if self.channel:
+            x = self._gate(x, self.channel_bn, training)
+            penalty = self._l1(self.channel_bn.gamma)
+        if self.spatial:
+            n, h, w, c = ops.shape(x)
+            flat = ops.reshape(x, (-1, h * w, c))
+            x = ops.reshape(self._gate(flat, self.spatial_bn, training), (-1, h, w, c))
+            l1 = self._l1(self.spatial_bn.gamma)
+            penalty = l1 if penalty is None else penalty + l1
+        if self.sparsity > 0.0:
+            self.add_loss(ops.multiply(ops.cast(self.sparsity, "float32"), penalty))
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "channel": self.channel,
+                "spatial": self.spatial,
+                "sparsity": self.sparsity,
+                "stop_gradient": self.stop_gradient,
+                "epsilon": self.epsilon,
+                "momentum": self.momentum,
+            }
+        )
+        return config

@@ -1,0 +1,270 @@
+"""NAMAttention against a NumPy transcription of SPEC section 2."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from nam_keras import NAMAttention
+
+EPS = 1e-5
+
+
+def np_bn(x, axes, mean, var, gamma, beta):
+    shape = [1] * x.ndim
+    feat = [a for a in range(x.ndim) if a not in axes][0]
+    shape[feat] = -1
+    r = lambda v: np.reshape(v, shape)  # noqa: E731
+    return (x - r(mean)) / np.sqrt(r(var) + EPS) * r(gamma) + r(beta)
+
+
+def np_gate(x, y, gamma, feat_axis):
+    w = np.abs(gamma) / np.abs(gamma).sum()
+    shape = [1] * x.ndim
+    shape[feat_axis] = -1
+    return 1.0 / (1.0 + np.exp(-np.reshape(w, shape) * y)) * x
+
+
+def np_nam(x, cg, cb, cm, cv, sg=None, sb=None, sm=None, sv=None, training=True):
+    """NumPy NAM: channel gate, then (optionally) pixel gate on the result."""
+    if training:
+        cm, cv = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+    out = np_gate(x, np_bn(x, (0, 1, 2), cm, cv, cg, cb), cg, 3)
+    if sg is not None:
+        n, h, w, c = out.shape
+        flat = out.reshape(n, h * w, c)
+        if training:
+            sm, sv = flat.mean(axis=(0, 2)), flat.var(axis=(0, 2))
+        out = np_gate(flat, np_bn(flat, (0, 2), sm, sv, sg, sb), sg, 1).reshape(n, h, w, c)
+    return out
+
+
+def randomise(bn, rng, n):
+    vals = [rng.normal(size=n) * 2.0, rng.normal(size=n), rng.normal(size=n), rng.uniform(0.5, 2.0, n)]
+    for var, val in zip([bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance], vals):
+        var.assign(val.astype("float32"))
+    return vals
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("spatial", [False, True])
+def test_matches_numpy(rng, training, spatial):
+    x = rng.normal(1.0, 3.0, size=(4, 5, 6, 7)).astype("float32")
+    layer = NAMAttention(spatial=spatial)
+    layer.build(x.shape)
+    c = randomise(layer.channel_bn, rng, 7)
+    s = randomise(layer.spatial_bn, rng, 30) if spatial else [None] * 4
+    got = keras.ops.convert_to_numpy(layer(x, training=training))
+    want = np_nam(x.astype("float64"), *c, *s, training=training)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_moving_statistics_momentum_0_9(rng):
+    x = rng.normal(2.0, 3.0, size=(8, 4, 4, 5)).astype("float32")
+    layer = NAMAttention()
+    layer.build(x.shape)
+    m0, v0 = rng.normal(size=5), rng.uniform(0.5, 2.0, 5)
+    layer.channel_bn.moving_mean.assign(m0.astype("float32"))
+    layer.channel_bn.moving_variance.assign(v0.astype("float32"))
+    layer(x, training=True)
+    np.testing.assert_allclose(
+        layer.channel_bn.moving_mean.numpy(), 0.9 * m0 + 0.1 * x.mean(axis=(0, 1, 2)), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        layer.channel_bn.moving_variance.numpy(), 0.9 * v0 + 0.1 * x.var(axis=(0, 1, 2)), rtol=1e-5
+    )
+    assert layer.channel_bn.epsilon == 1e-5
+    # Inference leaves them alone.
+    before = layer.channel_bn.moving_mean.numpy().copy()
+    layer(x, training=False)
+    np.testing.assert_array_equal(layer.channel_bn.moving_mean.numpy(), before)
+
+
+def test_zero_gamma_is_guarded(rng):
+    x = rng.normal(size=(2, 3, 3, 4)).astype("float32")
+    layer = NAMAttention()
+    layer.build(x.shape)
+    layer.channel_bn.gamma.assign(np.zeros(4, "float32"))
+    out = keras.ops.convert_to_numpy(layer(x, training=False))
+    np.testing.assert_allclose(out, 0.5 * x, rtol=1e-6)  # w = 0 -> sigmoid(0) = 0.5
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+def test_penalty_value(rng, spatial):
+    x = rng.normal(size=(2, 3, 3, 4)).astype("float32")
+    layer = NAMAttention(spatial=spatial, sparsity=3e-3)
+    layer.build(x.shape)
+    g = randomise(layer.channel_bn, rng, 4)[0]
+    total = np.abs(g).sum()
+    if spatial:
+        total += np.abs(randomise(layer.spatial_bn, rng, 9)[0]).sum()
+    layer(x)
+    assert len(layer.losses) == 1
+    np.testing.assert_allclose(float(layer.losses[0]), 3e-3 * total, rtol=1e-6)
+
+
+def test_sparsity_zero_adds_no_loss(rng):
+    layer = NAMAttention(sparsity=0)
+    layer(rng.normal(size=(2, 3, 3, 4)).astype("float32"))
+    assert layer.losses == []
+
+
+def _nam_model(sparsity):
+    inputs = keras.Input((3, 3, 4))
+    return keras.Model(inputs, NAMAttention(sparsity=sparsity, name="nam")(inputs))
+
+
+def test_penalty_reaches_model_losses_and_fit(rng):
+    """`fit` minimises cross-entropy + p * sum|gamma|: with a data loss of zero
+    gradient, one SGD step moves gamma by exactly -lr * p * sign(gamma)."""
+    model = _nam_model(sparsity=0.01)
+    bn = model.get_layer("nam").channel_bn
+    gamma0 = np.array([1.0, -2.0, 0.5, 3.0], "float32")
+    bn.gamma.assign(gamma0)
+    x = rng.normal(size=(4, 3, 3, 4)).astype("float32")
+    model(x)
+    np.testing.assert_allclose(float(sum(model.losses)), 0.01 * 6.5, rtol=1e-6)
+
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss=lambda yt, yp: 0.0 * keras.ops.mean(yp))
+    # evaluate reports the total loss the trainer minimises
+    np.testing.assert_allclose(model.evaluate(x, x, verbose=0), 0.065, rtol=1e-5)
+    model.fit(x, x, batch_size=4, epochs=1, verbose=0)
+    np.testing.assert_allclose(bn.gamma.numpy(), gamma0 - 0.5 * 0.01 * np.sign(gamma0), rtol=1e-6)
+
+
+def _gamma_grad(layer, x):
+    with tf.GradientTape() as tape:
+        out = layer(x, training=True)
+        loss = tf.reduce_sum(out * out)
+    return tape.gradient(loss, layer.channel_bn.gamma).numpy()
+
+
+def test_stop_gradient_option(rng):
+    x = rng.normal(size=(4, 3, 3, 5)).astype("float32")
+    gamma = rng.normal(size=5).astype("float32")
+    grads = {}
+    for stop in (False, True):
+        layer = NAMAttention(sparsity=0, stop_gradient=stop)
+        layer.build(x.shape)
+        layer.channel_bn.gamma.assign(gamma)
+        grads[stop] = _gamma_grad(layer, x)
+
+    # Hand computation of the detached case: w is a constant, gamma only
+    # enters through y = xhat * gamma + beta.
+    g = tf.Variable(gamma)
+    w = tf.constant(np.abs(gamma) / np.abs(gamma).sum())
+    mean, var = tf.nn.moments(tf.constant(x), axes=[0, 1, 2])
+    with tf.GradientTape() as tape:
+        y = (x - mean) / tf.sqrt(var + EPS) * g
+        out = tf.sigmoid(w * y) * x
+        loss = tf.reduce_sum(out * out)
+    np.testing.assert_allclose(grads[True], tape.gradient(loss, g).numpy(), rtol=1e-4, atol=1e-6)
+    assert not np.allclose(grads[False], grads[True], rtol=1e-3)
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16", "mixed_bfloat16"])
+def test_dtype_policies(rng, policy):
+    x = rng.normal(size=(4, 4, 4, 128)).astype("float32")
+    ref = NAMAttention()
+    ref.build(x.shape)
+    # sum |gamma| = 128,000 overflows float16 (max 65,504): the weights and the
+    # penalty must still be right.
+    big = np.full(128, 1000.0, "float32")
+    ref.channel_bn.gamma.assign(big)
+    want = keras.ops.convert_to_numpy(ref(x, training=False))
+
+    layer = NAMAttention(dtype=policy)
+    layer.build(x.shape)
+    layer.channel_bn.gamma.assign(big)
+    out = layer(x, training=False)
+    assert keras.backend.standardize_dtype(out.dtype) == keras.DTypePolicy(policy).compute_dtype
+    assert layer.channel_bn.gamma.dtype == "float32"
+    (penalty,) = layer.losses
+    assert keras.backend.standardize_dtype(penalty.dtype) == "float32"
+    np.testing.assert_allclose(float(penalty), 1e-4 * 128000.0, rtol=1e-6)
+    tol = {"float32": 1e-6, "mixed_float16": 1e-2, "mixed_bfloat16": 5e-2}[policy]
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(out).astype("float32"), want, rtol=tol, atol=tol)
+
+
+def test_global_mixed_policy(rng):
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    layer = NAMAttention(spatial=True)
+    out = layer(rng.normal(size=(2, 4, 4, 8)).astype("float32"), training=True)
+    assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+    assert layer.channel_bn.dtype_policy.name == "mixed_bfloat16"
+    assert keras.backend.standardize_dtype(layer.losses[0].dtype) == "float32"
+
+
+def test_config_round_trip():
+    layer = NAMAttention(spatial=True, channel=False, sparsity=2e-4, stop_gradient=True,
+                         epsilon=1e-3, momentum=0.8, name="n")
+    config = layer.get_config()
+    json.dumps(config)  # JSON-only config
+    clone = NAMAttention.from_config(config)
+    for key in ("channel", "spatial", "sparsity", "stop_gradient", "epsilon", "momentum", "name"):
+        assert getattr(clone, key) == getattr(layer, key), key
+    assert clone.get_config() == config
+    assert clone.spatial_bn.momentum == 0.8 and clone.channel_bn is None
+
+
+def test_keras_file_round_trip_in_fresh_process(tmp_path, rng):
+    inputs = keras.Input((4, 4, 6))
+    x = keras.layers.Conv2D(6, 1, name="conv")(inputs)
+    x = NAMAttention(spatial=True, name="nam")(x)
+    model = keras.Model(inputs, x)
+    x_in = rng.normal(size=(3, 4, 4, 6)).astype("float32")
+    randomise(model.get_layer("nam").channel_bn, rng, 6)
+    want = keras.ops.convert_to_numpy(model(x_in, training=False))
+    path = tmp_path / "m.keras"
+    model.save(path)
+    np.save(tmp_path / "x.npy", x_in)
+    script = textwrap.dedent(
+        f"""
+        import numpy as np, keras, nam_keras
+        m = keras.models.load_model({str(path)!r})
+        assert type(m.get_layer("nam")).__name__ == "NAMAttention"
+        assert m.get_layer("nam").spatial
+        np.save({str(tmp_path / "y.npy")!r}, keras.ops.convert_to_numpy(
+            m(np.load({str(tmp_path / "x.npy")!r}), training=False)))
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), want)
+
+
+@pytest.mark.parametrize(
+    "kwargs, shape, message",
+    [
+        ({}, (2, 4, 4), "rank-4 input"),
+        ({"spatial": True}, (2, None, None, 4), "static height and width"),
+    ],
+)
+def test_bad_input_shapes(kwargs, shape, message):
+    with pytest.raises(ValueError, match=message):
+        NAMAttention(**kwargs).build(shape)
+
+
+def test_rank_3_call_is_rejected():
+    with pytest.raises(ValueError, match="rank-4"):
+        NAMAttention()(np.zeros((2, 4, 4), "float32"))
+
+
+def test_spatial_needs_static_shape_in_functional_model():
+    with pytest.raises(ValueError, match="static height and width"):
+        NAMAttention(spatial=True)(keras.Input((None, None, 8)))
+
+
+@pytest.mark.parametrize("bad", [-1e-4, float("nan"), "x"])
+def test_negative_sparsity(bad):
+    with pytest.raises(ValueError, match="sparsity"):
+        NAMAttention(sparsity=bad)
+
+
+def test_needs_channel_or_spatial():
+    with pytest.raises(ValueError, match="channel=True, spatial=True or both"):
+        NAMAttention(channel=False, spatial=False)
