@@ -1,0 +1,415 @@
+"""CIFAR-100 input: TFDS, the local python archive, synthetic data; per-image augmentation.
+
+Sources (`load_cifar100`) return unbatched `tf.data.Dataset`s of
+`(image uint8 (32, 32, 3), label int32)`; everything is decoded once into
+memory (about 180 MB). `train_pipeline` and `eval_pipeline` batch them.
+
+Normalisation is **not** done here: the models of `build_resnet` take raw
+pixels in [0, 255] and normalise with the CIFAR-100 mean/std in their first
+(weight-free) layer, so the exported serving model takes raw uint8 images too.
+"""
+
+import concurrent.futures
+import io
+import math
+import os
+import pickle
+import socket
+import tarfile
+import warnings
+import zlib
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+IMAGE_SHAPE = (32, 32, 3)
+NUM_CLASSES = 100
+FULL_SIZES = {"train": 50_000, "test": 10_000}
+SOURCES = ("cifar100", "synthetic")
+
+# Host that TFDS downloads CIFAR-100 from; probed before a download so that an
+# offline machine fails in seconds instead of retrying for minutes.
+DOWNLOAD_PROBE = ("www.cs.toronto.edu", 443)
+PROBE_TIMEOUT_S = 3.0
+
+ARCHIVE_NAME = "cifar-100-python.tar.gz"
+FOLDER_NAME = "cifar-100-python"
+
+CIFAR100_LABELS = (
+    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus "
+    "butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch "
+    "crab crocodile cup dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo "
+    "keyboard lamp lawn_mower leopard lion lizard lobster man maple_tree motorcycle mountain mouse "
+    "mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain plate poppy "
+    "porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper "
+    "snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television "
+    "tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm"
+).split()
+assert len(CIFAR100_LABELS) == NUM_CLASSES
+
+
+class DataError(ValueError):
+    """The data source is missing, unreachable or not CIFAR-100 shaped."""
+
+
+_OFFLINE_HELP = (
+    "Download cifar-100-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html) on a "
+    "machine with internet access and pass it with --data-dir PATH (the .tar.gz, its "
+    "folder, or the extracted cifar-100-python/ folder), or use --dataset synthetic for "
+    "a smoke run."
+)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _check_split(images, labels, split, origin):
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
+        raise DataError(
+            f"{origin}: {split} images must be uint8 of shape (N, 32, 32, 3); "
+            f"received {images.dtype} {images.shape}."
+        )
+    if labels.shape != (images.shape[0],):
+        raise DataError(
+            f"{origin}: {split} has {images.shape[0]} images but labels of shape {labels.shape}."
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise DataError(
+            f"{origin}: {split} fine labels must lie in 0..{NUM_CLASSES - 1}; "
+            f"received {labels.min()}..{labels.max()}."
+        )
+    if images.shape[0] == 0:
+        raise DataError(f"{origin}: the {split} split is empty.")
+    if images.shape[0] < FULL_SIZES[split]:
+        warnings.warn(
+            f"{origin}: {split} split has {images.shape[0]} examples, fewer than "
+            f"CIFAR-100's {FULL_SIZES[split]}; using it as a subset.",
+            stacklevel=3,
+        )
+    return images, labels.astype(np.int32)
+
+
+def _decode_pickle(raw, split, origin):
+    """One CIFAR-100 python pickle -> (images NHWC uint8, fine labels)."""
+    try:
+        entry = pickle.loads(raw, encoding="bytes")
+        data = np.asarray(entry[b"data"])
+        labels = np.asarray(entry[b"fine_labels"])
+    except Exception as err:  # pickle raises many kinds of error on bad bytes
+        raise DataError(
+            f"{origin}: the {split!r} member is not a CIFAR-100 python pickle "
+            f"({type(err).__name__}: {err})."
+        ) from None
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError(
+            f"{origin}: {split} b'data' must be uint8 of shape (N, 3072); "
+            f"received {data.dtype} {data.shape}."
+        )
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # CHW rows -> NHWC
+    return _check_split(np.ascontiguousarray(images), labels, split, origin)
+
+
+def _read_archive(path):
+    splits = {}
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for member in tar:
+                split = os.path.basename(member.name)
+                if member.isfile() and split in FULL_SIZES and os.path.basename(
+                    os.path.dirname(member.name)
+                ) in (FOLDER_NAME, ""):
+                    splits[split] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+        raise DataError(
+            f"{path}: cannot read the CIFAR-100 archive, it is truncated or corrupt "
+            f"({type(err).__name__}: {err}). Download it again. {_OFFLINE_HELP}"
+        ) from None
+    missing = sorted(set(FULL_SIZES) - set(splits))
+    if missing:
+        raise DataError(
+            f"{path}: the archive has no {FOLDER_NAME}/{' or '.join(missing)} member; "
+            f"is it the python version of CIFAR-100 ({ARCHIVE_NAME})?"
+        )
+    return {s: _decode_pickle(raw, s, path) for s, raw in splits.items()}
+
+
+def _read_folder(folder):
+    out = {}
+    for split in FULL_SIZES:
+        with open(os.path.join(folder, split), "rb") as f:
+            out[split] = _decode_pickle(f.read(), split, os.path.join(folder, split))
+    return out
+
+
+def read_cifar100_python(path):
+    """Reads CIFAR-100 from `cifar-100-python.tar.gz` or its extracted folder.
+
+    `path` may be the archive, the extracted `cifar-100-python/` folder, or a
+    folder holding either. The archive is read in memory, never extracted.
+    Returns `{"train": (images, labels), "test": (images, labels)}` with
+    images uint8 (N, 32, 32, 3) and fine labels int32.
+
+    The files are Python pickles: only read archives from a trusted source.
+    """
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return _read_archive(path)
+    if os.path.isdir(path):
+        candidates = [
+            (path, os.path.isfile(os.path.join(path, "train"))),
+            (os.path.join(path, FOLDER_NAME), os.path.isdir(os.path.join(path, FOLDER_NAME))),
+        ]
+        for folder, ok in candidates:
+            if ok:
+                missing = [s for s in FULL_SIZES if not os.path.isfile(os.path.join(folder, s))]
+                if missing:
+                    raise DataError(f"{folder}: missing the CIFAR-100 {missing} file(s).")
+                return _read_folder(folder)
+        if os.path.isfile(os.path.join(path, ARCHIVE_NAME)):
+            return _read_archive(os.path.join(path, ARCHIVE_NAME))
+        raise DataError(
+            f"{path}: found neither {ARCHIVE_NAME}, a {FOLDER_NAME}/ folder, nor the "
+            f"train/test files. {_OFFLINE_HELP}"
+        )
+    raise DataError(f"{path}: no such file or folder. {_OFFLINE_HELP}")
+
+
+def _reachable(address, timeout):
+    """True when a TCP connection to `address` opens within `timeout` seconds
+    (name resolution included, which socket timeouts do not cover)."""
+
+    def connect():
+        with socket.create_connection(address, timeout=timeout):
+            return True
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        return pool.submit(connect).result(timeout=timeout + 0.5)
+    except Exception:  # noqa: BLE001 - any failure means "not reachable"
+        return False
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _tfds_arrays(data_dir):
+    import tensorflow_datasets as tfds
+
+    def load(download):
+        splits = tfds.load(
+            "cifar100", split=["train", "test"], data_dir=data_dir, as_supervised=True,
+            download=download,
+        )
+        out = {}
+        for name, ds in zip(("train", "test"), splits):  # decode once, into memory
+            chunks = list(tfds.as_numpy(ds.batch(10_000)))
+            out[name] = tuple(np.concatenate([c[i] for c in chunks]) for i in (0, 1))
+        return out
+
+    try:
+        arrays = load(download=False)
+    except Exception as err:  # not prepared in data_dir (AssertionError or DatasetNotFoundError)
+        if not _reachable(DOWNLOAD_PROBE, PROBE_TIMEOUT_S):
+            where = data_dir or "the default TFDS folder (~/tensorflow_datasets)"
+            raise DataError(
+                f"TFDS has no prepared cifar100 in {where} and the download host "
+                f"{DOWNLOAD_PROBE[0]} cannot be reached (offline?). {_OFFLINE_HELP}"
+            ) from err
+        arrays = load(download=True)
+    return {s: _check_split(np.asarray(x), np.asarray(y), s, "tfds cifar100") for s, (x, y) in arrays.items()}
+
+
+def synthetic_arrays(train_size=50_000, test_size=10_000, seed=0):
+    """Random uint8 images and labels with CIFAR-100's shapes (smoke runs, benchmarks)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split, n in (("train", train_size), ("test", test_size)):
+        if n < 1:
+            raise DataError(f"synthetic {split} size must be >= 1; received {n}.")
+        out[split] = (
+            rng.integers(0, 256, size=(n, *IMAGE_SHAPE), dtype=np.uint8),
+            rng.integers(0, NUM_CLASSES, size=(n,), dtype=np.int32),
+        )
+    return out
+
+
+def load_cifar100_arrays(source="cifar100", data_dir=None, tfds_data_dir=None,
+                         synthetic_sizes=(50_000, 10_000), seed=0):
+    """`{"train": (images, labels), "test": (images, labels)}` as NumPy arrays.
+
+    Args:
+        source: `"cifar100"` (TFDS, or the local archive when `data_dir` is
+            given) or `"synthetic"`.
+        data_dir: local `cifar-100-python.tar.gz`, or a folder with it or
+            with the extracted files; takes precedence over TFDS.
+        tfds_data_dir: TFDS data folder (default `~/tensorflow_datasets`).
+        synthetic_sizes: (train, test) sizes of the synthetic source.
+        seed: seed of the synthetic source.
+    """
+    if source not in SOURCES:
+        raise DataError(f"Unknown dataset {source!r}; expected one of {list(SOURCES)}.")
+    if source == "synthetic":
+        return synthetic_arrays(*synthetic_sizes, seed=seed)
+    if data_dir:
+        return read_cifar100_python(data_dir)
+    return _tfds_arrays(tfds_data_dir)
+
+
+def load_cifar100(source="cifar100", data_dir=None, tfds_data_dir=None,
+                  synthetic_sizes=(50_000, 10_000), seed=0):
+    """Train and test `tf.data.Dataset`s of `(uint8 image (32, 32, 3), int32 label)`.
+
+    Same arguments as `load_cifar100_arrays`; the data is decoded once and
+    held in memory.
+
+    Example:
+
+    >>> from nam_keras import data
+    >>> train, test = data.load_cifar100("synthetic", synthetic_sizes=(256, 64))
+    >>> batches = data.train_pipeline(train, batch_size=64, seed=0)
+    >>> images, labels = next(iter(batches))
+    >>> images.shape, images.dtype.name, labels.shape
+    (TensorShape([64, 32, 32, 3]), 'float32', TensorShape([64]))
+    """
+    arrays = load_cifar100_arrays(source, data_dir, tfds_data_dir, synthetic_sizes, seed)
+    return tuple(tf.data.Dataset.from_tensor_slices(arrays[s]) for s in ("train", "test"))
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def _affine_transforms(seed, batch, size, pad, rotation_deg, flip):
+    """Per-image projective transforms (output -> input pixel coordinates) of
+    `rotate(flip(crop(pad(image))))`: one resampling pass for all three."""
+    s_shift, s_flip, s_angle = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    shift = tf.cast(
+        tf.random.stateless_uniform([batch, 2], s_shift, minval=-pad, maxval=pad + 1, dtype=tf.int32),
+        tf.float32,
+    )
+    sign = tf.ones([batch])
+    if flip:
+        sign = tf.where(tf.random.stateless_uniform([batch], s_flip) < 0.5, -1.0, 1.0)
+    angle = tf.random.stateless_uniform([batch], s_angle, -1.0, 1.0) * (rotation_deg * math.pi / 180.0)
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    c = (size - 1) / 2.0
+    # rotation about the centre: q = M p + (c - M c)
+    m00, m01, m10, m11 = cos, -sin, sin, cos
+    t0 = c - (m00 * c + m01 * c)
+    t1 = c - (m10 * c + m11 * c)
+    # horizontal flip x -> (size - 1) - x, then the crop's integer shift
+    flip_off = tf.where(sign < 0, float(size - 1), 0.0)
+    zeros = tf.zeros([batch])
+    return tf.stack(
+        [sign * m00, sign * m01, sign * t0 + flip_off + shift[:, 0],
+         m10, m11, t1 + shift[:, 1], zeros, zeros],
+        axis=1,
+    )
+
+
+def augment_batch(images, seed, pad=4, flip=True, rotation_deg=15.0, brightness=0.1,
+                  contrast=0.1, p=0.5):
+    """The reference training augmentation, drawn independently for every image.
+
+    `images`: float32 (B, H, W, 3) in [0, 255]; `seed`: int shape (2,) for the
+    stateless random ops. Zero-pad `pad` pixels and crop back (a random integer
+    shift), horizontal flip with p 0.5, rotation uniform in +-`rotation_deg`
+    (bilinear, zero fill), then with probability `p` each a brightness factor
+    in [1 - b, 1 + b] and a contrast factor in [1 - c, 1 + c] (blend with the
+    image's grey mean, as torchvision/Paddle do). Returns float32 in [0, 255].
+    """
+    images = tf.convert_to_tensor(images, tf.float32)
+    batch, size = tf.shape(images)[0], images.shape[1]
+    s_geo, s_b, s_bp, s_c, s_cp = tf.unstack(tf.random.experimental.stateless_split(seed, 5))
+    if pad or flip or rotation_deg:
+        transforms = _affine_transforms(s_geo, batch, size, pad, rotation_deg, flip)
+        images = tf.raw_ops.ImageProjectiveTransformV3(
+            images=images, transforms=transforms, output_shape=tf.shape(images)[1:3],
+            fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT",
+        )
+
+    def factor(s_val, s_apply, amount):
+        f = tf.random.stateless_uniform([batch, 1, 1, 1], s_val, 1.0 - amount, 1.0 + amount)
+        apply = tf.random.stateless_uniform([batch, 1, 1, 1], s_apply) < p
+        return tf.where(apply, f, 1.0)
+
+    if brightness:
+        images = tf.clip_by_value(images * factor(s_b, s_bp, brightness), 0.0, 255.0)
+    if contrast:
+        grey = tf.reduce_mean(
+            tf.tensordot(images, tf.constant([0.299, 0.587, 0.114]), axes=[[3], [0]]),
+            axis=[1, 2],
+        )[:, None, None, None]
+        images = tf.clip_by_value(grey + (images - grey) * factor(s_c, s_cp, contrast), 0.0, 255.0)
+    return images
+
+
+def _with_options(ds):
+    options = tf.data.Options()
+    options.deterministic = True
+    # In-memory data: shard by example, not by file, under MultiWorkerMirroredStrategy.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options)
+
+
+def train_pipeline(ds, batch_size, seed=0, augment=True, randaugment=False, mixup=0.0,
+                   cutmix=0.0, num_classes=NUM_CLASSES, repeat=False, shuffle_buffer=None):
+    """Shuffled (every epoch, from `seed`), batched, augmented training batches.
+
+    Yields `(images float32 (B, 32, 32, 3) in [0, 255], labels)`; labels are
+    int32 class ids, or float32 one-hot (B, num_classes) when MixUp or CutMix
+    is on. `batch_size` is the global batch (under a `tf.distribute` strategy
+    Keras splits it across replicas); the last partial batch is dropped.
+    The same seed gives the same batches.
+
+    Args:
+        augment: the reference augmentation (`augment_batch`).
+        randaugment: also apply `keras.layers.RandAugment`.
+        mixup: MixUp alpha (0 disables); `keras.layers.MixUp`.
+        cutmix: CutMix alpha (0 disables); `keras.layers.CutMix`.
+        repeat: repeat forever (use with `steps_per_epoch`).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; received {batch_size}.")
+    n = int(ds.cardinality())
+    if n >= 0 and n < batch_size:
+        raise ValueError(f"batch_size {batch_size} is larger than the {n} training examples.")
+    ds = ds.shuffle(shuffle_buffer or max(n, 1), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    ds = ds.batch(batch_size, drop_remainder=True)
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    ds = tf.data.Dataset.zip((ds, seeds))
+
+    # Keras core augmentation layers, applied to whole batches in tf.data.
+    rand_aug = keras.layers.RandAugment(seed=seed) if randaugment else None
+    mixers = []
+    if mixup:
+        mixers.append(keras.layers.MixUp(alpha=mixup, seed=seed))
+    if cutmix:
+        mixers.append(keras.layers.CutMix(factor=cutmix, seed=seed))
+
+    def transform(batch, batch_seed):
+        images, labels = batch
+        images = tf.cast(images, tf.float32)
+        if augment:
+            images = augment_batch(images, batch_seed)
+        if rand_aug is not None:
+            images = rand_aug(images, training=True)
+        if mixers:
+            labels = tf.one_hot(labels, num_classes)
+            for mixer in mixers:
+                out = mixer({"images": images, "labels": labels}, training=True)
+                images, labels = out["images"], out["labels"]
+        return images, labels
+
+    ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
+    return _with_options(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def eval_pipeline(ds, batch_size):
+    """Batched, never augmented: `(images float32 in [0, 255], int32 labels)`."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; received {batch_size}.")
+    ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y),
+                                  num_parallel_calls=tf.data.AUTOTUNE)
+    return _with_options(ds.prefetch(tf.data.AUTOTUNE))

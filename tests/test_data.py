@@ -1,0 +1,249 @@
+"""CIFAR-100 sources (TFDS, the python archive, synthetic) and the augmentation."""
+
+import io
+import pickle
+import socket
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from nam_keras import data
+
+
+def make_cifar_archive(path, n_train=6, n_test=4, seed=0, folder=False, drop=None):
+    """Writes CIFAR-100 in its real python format: pickles with b"data"
+    (N, 3072) uint8 in CHW order, b"fine_labels", b"coarse_labels"."""
+    rng = np.random.default_rng(seed)
+    expected = {}
+    blobs = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        chw = rng.integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)
+        labels = rng.integers(0, 100, size=n).tolist()
+        blobs[split] = pickle.dumps(
+            {b"data": chw.reshape(n, 3072), b"fine_labels": labels,
+             b"coarse_labels": [label // 5 for label in labels], b"filenames": [b"x.png"] * n},
+            protocol=2,
+        )
+        expected[split] = (chw.transpose(0, 2, 3, 1), np.array(labels))
+    blobs["meta"] = pickle.dumps({b"fine_label_names": [n.encode() for n in data.CIFAR100_LABELS]})
+    if drop:
+        del blobs[drop]
+    if folder:
+        root = path / "cifar-100-python"
+        root.mkdir(parents=True)
+        for name, blob in blobs.items():
+            (root / name).write_bytes(blob)
+        return root, expected
+    with tarfile.open(path, "w:gz") as tar:
+        for name, blob in blobs.items():
+            info = tarfile.TarInfo(f"cifar-100-python/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return path, expected
+
+
+def _assert_matches(arrays, expected):
+    for split in ("train", "test"):
+        images, labels = arrays[split]
+        assert images.dtype == np.uint8 and images.shape[1:] == (32, 32, 3)
+        np.testing.assert_array_equal(images, expected[split][0])
+        np.testing.assert_array_equal(labels, expected[split][1])
+
+
+def test_archive_reader_decodes_chw_pixels(tmp_path):
+    path, expected = make_cifar_archive(tmp_path / "cifar-100-python.tar.gz")
+    with pytest.warns(UserWarning, match="fewer than CIFAR-100's 50000; using it as a subset"):
+        arrays = data.read_cifar100_python(path)
+    _assert_matches(arrays, expected)
+    # a known pixel, by hand: image 0, row 1, column 2 = data[0][c*1024 + 1*32 + 2]
+    raw = pickle.loads(tarfile.open(path).extractfile("cifar-100-python/train").read(), encoding="bytes")
+    flat = raw[b"data"][0]
+    assert arrays["train"][0][0, 1, 2].tolist() == [flat[34], flat[1024 + 34], flat[2048 + 34]]
+
+
+def test_archive_in_a_folder_and_extracted_folder(tmp_path):
+    path, expected = make_cifar_archive(tmp_path / "cifar-100-python.tar.gz")
+    with pytest.warns(UserWarning):
+        _assert_matches(data.read_cifar100_python(tmp_path), expected)
+    folder, expected = make_cifar_archive(tmp_path / "x", folder=True)
+    with pytest.warns(UserWarning):
+        _assert_matches(data.read_cifar100_python(folder), expected)  # cifar-100-python/
+    with pytest.warns(UserWarning):
+        _assert_matches(data.read_cifar100_python(folder.parent), expected)  # its parent
+
+
+def test_load_cifar100_from_archive_gives_datasets(tmp_path):
+    path, expected = make_cifar_archive(tmp_path / "c.tar.gz")
+    with pytest.warns(UserWarning):
+        train, test = data.load_cifar100(data_dir=str(path))
+    images, labels = next(iter(train.batch(100)))
+    assert images.dtype == tf.uint8 and labels.dtype == tf.int32
+    np.testing.assert_array_equal(images.numpy(), expected["train"][0])
+    assert int(test.cardinality()) == 4
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        ("truncate", "truncated or corrupt"),
+        ("garbage", "truncated or corrupt"),
+        ("missing", "no such file or folder"),
+        ("no-test", "has no cifar-100-python/test member"),
+        ("bad-pickle", "is not a CIFAR-100 python pickle"),
+        ("bad-labels", "fine labels must lie in 0..99"),
+        ("bad-shape", r"must be uint8 of shape \(N, 3072\)"),
+    ],
+)
+def test_corrupt_archives_give_clear_errors(tmp_path, breakage, message):
+    path = tmp_path / "cifar-100-python.tar.gz"
+    if breakage == "no-test":
+        make_cifar_archive(path, drop="test")
+    elif breakage in ("truncate", "garbage"):
+        make_cifar_archive(path)
+        blob = path.read_bytes()
+        path.write_bytes(blob[: len(blob) // 2] if breakage == "truncate" else b"not a tarball" * 100)
+    elif breakage == "missing":
+        path = tmp_path / "nowhere.tar.gz"
+    else:
+        bodies = {
+            "bad-pickle": b"\x80\x04garbage",
+            "bad-labels": pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [0, 100]}),
+            "bad-shape": pickle.dumps({b"data": np.zeros((2, 1024), np.uint8), b"fine_labels": [0, 1]}),
+        }
+        with tarfile.open(path, "w:gz") as tar:
+            for name in ("train", "test"):
+                info = tarfile.TarInfo(f"cifar-100-python/{name}")
+                info.size = len(bodies[breakage])
+                tar.addfile(info, io.BytesIO(bodies[breakage]))
+    with pytest.raises(data.DataError, match=message) as err:
+        data.read_cifar100_python(path)
+    assert str(path) in str(err.value)
+
+
+def test_tfds_code_path_on_mock_data():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=12):
+        with pytest.warns(UserWarning, match="subset"):
+            train, test = data.load_cifar100("cifar100")
+    images, labels = next(iter(train.batch(12)))
+    assert images.shape == (12, 32, 32, 3) and images.dtype == tf.uint8
+    assert labels.dtype == tf.int32 and 0 <= int(tf.reduce_min(labels)) and int(tf.reduce_max(labels)) < 100
+    assert int(test.cardinality()) == 12
+
+
+def _closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_offline_tfds_fails_fast_and_names_data_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DOWNLOAD_PROBE", ("127.0.0.1", _closed_port()))
+    start = time.monotonic()
+    with pytest.raises(data.DataError, match="--data-dir") as err:
+        data.load_cifar100("cifar100", tfds_data_dir=str(tmp_path))
+    assert time.monotonic() - start < 10
+    assert "cannot be reached" in str(err.value) and str(tmp_path) in str(err.value)
+
+
+def test_synthetic_source():
+    train, test = data.load_cifar100("synthetic", synthetic_sizes=(10, 3))
+    assert int(train.cardinality()) == 10 and int(test.cardinality()) == 3
+    image, label = next(iter(train))
+    assert image.shape == (32, 32, 3) and image.dtype == tf.uint8 and label.dtype == tf.int32
+    with pytest.raises(data.DataError, match="Unknown dataset 'cifar10'"):
+        data.load_cifar100("cifar10")
+
+
+# ------------------------------------------------------------------ augmentation
+
+
+def _image(rng):
+    return rng.integers(0, 256, size=(32, 32, 3)).astype("float32")
+
+
+def test_64_copies_of_one_image_come_out_different(rng):
+    batch = np.repeat(_image(rng)[None], 64, axis=0)
+    out = data.augment_batch(batch, tf.constant([3, 4], tf.int64)).numpy()
+    flat = out.reshape(64, -1).round(3)
+    assert len(np.unique(flat, axis=0)) >= 62
+    assert out.min() >= 0.0 and out.max() <= 255.0 and out.dtype == np.float32
+
+
+def test_crop_alone_is_an_integer_shift_with_zero_fill(rng):
+    img = _image(rng)
+    out = data.augment_batch(np.repeat(img[None], 32, 0), tf.constant([5, 6], tf.int64), flip=False,
+                             rotation_deg=0.0, brightness=0.0, contrast=0.0).numpy()
+    padded = np.pad(img, ((4, 4), (4, 4), (0, 0)))
+    crops = {(dy, dx): padded[dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)}
+    seen = set()
+    for o in out:
+        match = [k for k, c in crops.items() if np.array_equal(c, o)]
+        assert len(match) == 1
+        seen.add(match[0])
+    assert len(seen) > 10  # per image, not one offset for the whole batch
+
+
+def test_flip_alone_mirrors_about_half(rng):
+    img = _image(rng)
+    out = data.augment_batch(np.repeat(img[None], 64, 0), tf.constant([7, 8], tf.int64), pad=0,
+                             rotation_deg=0.0, brightness=0.0, contrast=0.0).numpy()
+    flipped = [np.array_equal(o, img[:, ::-1]) for o in out]
+    same = [np.array_equal(o, img) for o in out]
+    assert all(f or s for f, s in zip(flipped, same))
+    assert 16 < sum(flipped) < 48
+
+
+def test_brightness_by_hand():
+    img = np.full((1, 32, 32, 3), 100.0, "float32")
+    out = data.augment_batch(np.repeat(img, 256, 0), tf.constant([1, 1], tf.int64), pad=0, flip=False,
+                             rotation_deg=0.0, contrast=0.0, brightness=0.1).numpy()
+    factors = out[:, 0, 0, 0] / 100.0
+    assert np.all(np.abs(out - out[:, :1, :1, :1]) < 1e-4)  # one factor per image
+    assert factors.min() >= 0.9 - 1e-6 and factors.max() <= 1.1 + 1e-6
+    unchanged = np.isclose(factors, 1.0).mean()
+    assert 0.35 < unchanged < 0.65  # applied with p = 0.5
+
+
+def test_same_seed_same_first_batch_and_reshuffled_epochs():
+    train, _ = data.load_cifar100("synthetic", synthetic_sizes=(64, 8))
+    first = lambda ds: next(iter(ds))  # noqa: E731
+    a = data.train_pipeline(train, 16, seed=1)
+    b = data.train_pipeline(train, 16, seed=1)
+    c = data.train_pipeline(train, 16, seed=2)
+    np.testing.assert_array_equal(first(a)[0].numpy(), first(b)[0].numpy())
+    assert not np.array_equal(first(a)[0].numpy(), first(c)[0].numpy())
+    epoch1 = [y.numpy() for _, y in a]
+    epoch2 = [y.numpy() for _, y in a]
+    assert len(epoch1) == 4  # 64 / 16, drop_remainder
+    assert not np.array_equal(np.concatenate(epoch1), np.concatenate(epoch2))
+    assert sorted(np.concatenate(epoch1)) == sorted(np.concatenate(epoch2))
+
+
+def test_eval_pipeline_is_never_augmented():
+    train, test = data.load_cifar100("synthetic", synthetic_sizes=(8, 10))
+    raw = np.stack([x.numpy() for x, _ in test])
+    got = np.concatenate([x.numpy() for x, _ in data.eval_pipeline(test, 4)])
+    assert got.shape == (10, 32, 32, 3)  # keeps the last partial batch
+    np.testing.assert_array_equal(got, raw.astype("float32"))
+
+
+def test_mixup_cutmix_randaugment_give_one_hot_mixtures():
+    train, _ = data.load_cifar100("synthetic", synthetic_sizes=(32, 8))
+    ds = data.train_pipeline(train, 16, seed=0, randaugment=True, mixup=0.4, cutmix=1.0)
+    images, labels = next(iter(ds))
+    assert images.shape == (16, 32, 32, 3) and labels.shape == (16, 100)
+    np.testing.assert_allclose(labels.numpy().sum(axis=1), 1.0, rtol=1e-5)
+    assert (labels.numpy() > 0).sum(axis=1).max() >= 2  # some labels are mixtures
+
+
+def test_pipeline_rejects_bad_batch_sizes():
+    train, test = data.load_cifar100("synthetic", synthetic_sizes=(8, 8))
+    with pytest.raises(ValueError, match="larger than the 8 training examples"):
+        data.train_pipeline(train, 16)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        data.eval_pipeline(test, 0)
