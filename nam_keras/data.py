@@ -406,10 +406,17 @@ def train_pipeline(ds, batch_size, seed=0, augment=True, randaugment=False, mixu
     return _with_options(ds.prefetch(tf.data.AUTOTUNE))
 
 
-def eval_pipeline(ds, batch_size):
-    """Batched, never augmented: `(images float32 in [0, 255], int32 labels)`."""
+def eval_pipeline(ds, batch_size, one_hot=None):
+    """Batched, never augmented: `(images float32 in [0, 255], labels)`.
+
+    Labels are int32 class ids, or float32 one-hot of width `one_hot` when it
+    is given (to match a model trained with MixUp/CutMix).
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; received {batch_size}.")
-    ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y),
-                                  num_parallel_calls=tf.data.AUTOTUNE)
+
+    def prepare(x, y):
+        return tf.cast(x, tf.float32), (tf.one_hot(y, one_hot) if one_hot else y)
+
+    ds = ds.batch(batch_size).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     return _with_options(ds.prefetch(tf.data.AUTOTUNE))
