@@ -117,10 +117,11 @@ def main(argv=None):
 
     from nam_keras.data import DataError
     from nam_keras.trainer import train
+    from nam_keras.training import ConfigError
 
     try:
         return train(args)
-    except (ValueError, DataError) as err:
+    except (ConfigError, DataError) as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
 

@@ -77,7 +77,9 @@ def _device_summary(gpus):
 
 def _strategy_name(strategy):
     name = type(strategy).__name__
-    return "one device" if name.startswith("_Default") else name
+    if name.startswith("_Default"):
+        return "one device"
+    return {"CollectiveAllReduceStrategy": "MultiWorkerMirroredStrategy"}.get(name, name)
 
 
 def train(args):
@@ -95,7 +97,7 @@ def train(args):
     jit = training.resolve_jit(args.jit_compile, gpus)
     replicas = strategy.num_replicas_in_sync
     if args.batch_size % replicas:
-        raise ValueError(
+        raise training.ConfigError(
             f"--batch-size {args.batch_size} (the global batch) is not divisible by the "
             f"{replicas} replicas of {_strategy_name(strategy)}."
         )
@@ -115,7 +117,7 @@ def train(args):
     arrays = load_arrays(args)
     n_train = len(arrays["train"][1])
     if n_train < args.batch_size:
-        raise ValueError(
+        raise training.ConfigError(
             f"--batch-size {args.batch_size} is larger than the {n_train} training examples."
         )
     steps_per_epoch = args.steps_per_epoch or n_train // args.batch_size
@@ -144,7 +146,7 @@ def train(args):
                 old = json.load(f)
             changed = {k: (old.get(k), config[k]) for k in RESUME_KEYS if old.get(k) != config[k]}
             if changed:
-                raise ValueError(
+                raise training.ConfigError(
                     f"{run_dir} holds a backup of a different run ({changed}, as "
                     "(saved, now)); pass --no-resume to start afresh or choose another --run-dir."
                 )

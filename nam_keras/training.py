@@ -141,6 +141,10 @@ class WarmupCosine(keras.callbacks.Callback):
         return cls(**config)
 
 
+class ConfigError(ValueError):
+    """A run was asked for something that cannot work (bad paths, sizes, resume)."""
+
+
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
@@ -200,6 +204,35 @@ def resolve_jit(jit_compile, gpus):
     return jit_compile == "on"
 
 
+def _patch_multi_worker_reduce(strategy):
+    """Makes `keras.Model.fit` (Keras 3.15) work under MultiWorkerMirroredStrategy.
+
+    Two Keras calls of `strategy.reduce` fail with this strategy (TensorFlow
+    issue 72388): `fit` reduces the first (images, labels) batch, a nested
+    structure, to build the model ("Attempt to convert a value
+    (PerReplica...)"), and every step reduces the scalar metric values with
+    `axis=0` ("Invalid reduction dimension 0 for input with 0 dimensions").
+    This reduces nested structures leaf by leaf and scalars across replicas
+    only; everything else goes through unchanged.
+    """
+    import tensorflow as tf
+
+    reduce = strategy.reduce
+
+    def leaf(reduce_op, value, axis):
+        if axis is not None:
+            local = strategy.experimental_local_results(value)
+            if local and getattr(local[0], "shape", None) is not None and local[0].shape.rank == 0:
+                axis = None
+        return reduce(reduce_op, value, axis)
+
+    def patched(reduce_op, value, axis=None):
+        return tf.nest.map_structure(lambda v: leaf(reduce_op, v, axis), value)
+
+    strategy.reduce = patched
+    return strategy
+
+
 def make_strategy(cpu_replicas=0):
     """The `tf.distribute` strategy for this process.
 
@@ -213,7 +246,7 @@ def make_strategy(cpu_replicas=0):
     tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
     workers = tf_config.get("cluster", {}).get("worker", [])
     if len(workers) + len(tf_config.get("cluster", {}).get("chief", [])) > 1:
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return _patch_multi_worker_reduce(tf.distribute.MultiWorkerMirroredStrategy())
     if cpu_replicas > 1:
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
@@ -259,15 +292,15 @@ def save_model_atomic(model, path):
 
 
 def check_writable(path):
-    """Raises `ValueError` unless a file can be created next to `path`."""
+    """Raises `ConfigError` unless a file can be created next to `path`."""
     folder = os.path.dirname(os.path.abspath(path)) or "."
     if os.path.isdir(path):
-        raise ValueError(f"output path {path!r} is a folder; expected a .keras file path.")
+        raise ConfigError(f"output path {path!r} is a folder; expected a .keras file path.")
     if not os.path.isdir(folder):
-        raise ValueError(f"cannot write {path!r}: folder {folder!r} does not exist.")
+        raise ConfigError(f"cannot write {path!r}: folder {folder!r} does not exist.")
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
         os.close(fd)
         os.remove(tmp)
     except OSError as err:
-        raise ValueError(f"cannot write {path!r}: {err.strerror}.") from None
+        raise ConfigError(f"cannot write {path!r}: {err.strerror}.") from None
