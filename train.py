@@ -89,6 +89,9 @@ def build_parser():
                         "mixed_float16 on older GPUs, else float32")
     d.add_argument("--jit-compile", choices=("auto", "on", "off"), default="auto",
                    help="XLA; auto: on for GPUs, off for CPUs")
+    d.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="BN batch statistics over all replicas (default: on with several "
+                        "replicas, so that they train like one device on the global batch)")
     d.add_argument("--cpu-replicas", type=int, default=0,
                    help="split the CPU into N logical devices and mirror over them "
                         "(exercises the multi-device path without GPUs)")

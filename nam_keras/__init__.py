@@ -12,6 +12,7 @@ from nam_keras.resnet import (
     build_resnet,
     nam_layers,
 )
+from nam_keras.training import TorchSGD, WarmupCosine, warmup_cosine
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,9 @@ __all__ = [
     "CIFAR100_STD",
     "NAMAttention",
     "RESNET_CONFIGS",
+    "TorchSGD",
+    "WarmupCosine",
     "build_resnet",
     "nam_layers",
+    "warmup_cosine",
 ]

@@ -44,6 +44,8 @@ class NAMAttention(keras.layers.Layer):
         momentum: BN momentum in Keras' meaning
             (`moving = momentum * moving + (1 - momentum) * batch`).
             Defaults to `0.9`.
+        synchronized: compute the BN batch statistics over all replicas of a
+            `tf.distribute` strategy (TensorFlow backend). Defaults to `False`.
         **kwargs: base layer arguments (`name`, `dtype`, `trainable`, ...).
 
     Example:
@@ -65,6 +67,7 @@ class NAMAttention(keras.layers.Layer):
         stop_gradient=False,
         epsilon=BN_EPSILON,
         momentum=BN_MOMENTUM,
+        synchronized=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -92,12 +95,14 @@ class NAMAttention(keras.layers.Layer):
         self.stop_gradient = bool(stop_gradient)
         self.epsilon = float(epsilon)
         self.momentum = float(momentum)
+        self.synchronized = bool(synchronized)
 
         def bn(name, axis):
             return keras.layers.BatchNormalization(
                 axis=axis,
                 epsilon=self.epsilon,
                 momentum=self.momentum,
+                synchronized=self.synchronized,
                 dtype=self.dtype_policy,
                 name=name,
             )
@@ -190,6 +195,7 @@ class NAMAttention(keras.layers.Layer):
                 "stop_gradient": self.stop_gradient,
                 "epsilon": self.epsilon,
                 "momentum": self.momentum,
+                "synchronized": self.synchronized,
             }
         )
         return config

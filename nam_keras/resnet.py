@@ -41,8 +41,9 @@ _ATTENTIONS = {"nam": nam_attention}
 class _Ops:
     """Creates the layers of one network with shared settings and names."""
 
-    def __init__(self, dtype):
+    def __init__(self, dtype, sync_bn):
         self.dtype = dtype
+        self.sync_bn = sync_bn
 
     def conv(self, x, filters, kernel, stride, name):
         if stride > 1 and kernel > 1:
@@ -60,7 +61,7 @@ class _Ops:
     def bn(self, x, name, gamma_initializer="ones"):
         return keras.layers.BatchNormalization(
             epsilon=BN_EPSILON, momentum=BN_MOMENTUM, gamma_initializer=gamma_initializer,
-            name=name, dtype=self.dtype,
+            synchronized=self.sync_bn, name=name, dtype=self.dtype,
         )(x)
 
     def relu(self, x, name):
@@ -88,7 +89,7 @@ def _residual_block(o, x, kind, width, stride, attention, name):
     return o.relu(y, f"{name}_out")
 
 
-def _resolve_attention(attention, attention_kwargs, dtype):
+def _resolve_attention(attention, attention_kwargs, dtype, sync_bn):
     """Turns the `attention` argument into a factory `(channels, name) -> layer`."""
     kwargs = dict(attention_kwargs or {})
     if attention is None:
@@ -112,7 +113,7 @@ def _resolve_attention(attention, attention_kwargs, dtype):
 
     def factory(channels, name):
         if base is nam_attention:
-            return base(channels, name, dtype=dtype, **kwargs)
+            return base(channels, name, dtype=dtype, **{"synchronized": sync_bn, **kwargs})
         return base(channels, name, **kwargs)
 
     factory.tag = tag
@@ -128,6 +129,7 @@ def build_resnet(
     attention_kwargs=None,
     normalize_inputs=True,
     width=64,
+    sync_bn=False,
     dtype=None,
     name=None,
 ):
@@ -153,6 +155,9 @@ def build_resnet(
             the model. Defaults to `True`.
         width: channels of the stem and of the first stage (64 in the paper);
             a smaller value gives a narrow network for tests and smoke runs.
+        sync_bn: synchronise the BN batch statistics of every BatchNormalization
+            (NAM's included) across the replicas of a `tf.distribute` strategy,
+            so that several devices train like one device on the global batch.
         dtype: dtype policy for every layer (e.g. `"mixed_bfloat16"`);
             `None` uses the global policy. The logits are always float32.
         name: model name; defaults to e.g. `"resnet50_nam"`.
@@ -187,11 +192,11 @@ def build_resnet(
             f"input_shape={input_shape!r} (pass normalize_inputs=False)."
         )
     kind, blocks = RESNET_CONFIGS[depth]
-    attn = _resolve_attention(attention, attention_kwargs, dtype)
+    attn = _resolve_attention(attention, attention_kwargs, dtype, sync_bn)
     if name is None:
         name = f"resnet{depth}_{'plain' if attention is None else attn.tag}"
 
-    o = _Ops(dtype)
+    o = _Ops(dtype, sync_bn)
     inputs = keras.Input(shape=input_shape, name="images")
     x = inputs
     if normalize_inputs:

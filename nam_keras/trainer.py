@@ -102,6 +102,7 @@ def train(args):
             f"{replicas} replicas of {_strategy_name(strategy)}."
         )
     keras.mixed_precision.set_global_policy(precision)
+    sync_bn = replicas > 1 if args.sync_bn is None else args.sync_bn
 
     model_kind = "baseline" if args.baseline else "nam"
     run_dir = args.run_dir or os.path.join("runs", model_kind)
@@ -126,7 +127,7 @@ def train(args):
         **{k: v for k, v in vars(args).items() if k not in ("nam", "baseline")},
         "model": model_kind, "num_classes": data.NUM_CLASSES, "run_dir": run_dir,
         "output": output, "precision": precision, "jit_compile": jit,
-        "strategy": _strategy_name(strategy), "replicas": replicas,
+        "strategy": _strategy_name(strategy), "replicas": replicas, "sync_bn": sync_bn,
         "per_replica_batch": args.batch_size // replicas, "peak_lr": lr,
         "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
         "train_examples": n_train, "mixing": mixing,
@@ -153,7 +154,8 @@ def train(args):
     training.atomic_write_text(config_path, json.dumps(config, indent=2, default=str) + "\n")
 
     log(f"device: {_device_summary(gpus)}; strategy {_strategy_name(strategy)} with "
-        f"{replicas} replica(s); precision {precision}; XLA {'on' if jit else 'off'}")
+        f"{replicas} replica(s); precision {precision}; XLA {'on' if jit else 'off'}"
+        + ("; synchronised BN" if sync_bn else ""))
     log(f"global batch {args.batch_size} ({args.batch_size // replicas} per replica); "
         f"peak LR {lr:g} (--lr {args.lr:g} for batch 128, scaling {args.lr_scaling}); "
         f"{args.epochs} epochs x {steps_per_epoch} steps = {total_steps} steps, "
@@ -182,6 +184,7 @@ def train(args):
         model = build_resnet(
             depth=args.depth, num_classes=data.NUM_CLASSES,
             attention=None if args.baseline else "nam", stem=args.stem, width=args.width,
+            sync_bn=sync_bn,
             attention_kwargs=None if args.baseline else {
                 "spatial": args.spatial, "sparsity": args.sparsity,
                 "stop_gradient": args.stop_gradient},

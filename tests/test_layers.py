@@ -202,11 +202,12 @@ def test_global_mixed_policy(rng):
 
 def test_config_round_trip():
     layer = NAMAttention(spatial=True, channel=False, sparsity=2e-4, stop_gradient=True,
-                         epsilon=1e-3, momentum=0.8, name="n")
+                         epsilon=1e-3, momentum=0.8, synchronized=True, name="n")
     config = layer.get_config()
     json.dumps(config)  # JSON-only config
     clone = NAMAttention.from_config(config)
-    for key in ("channel", "spatial", "sparsity", "stop_gradient", "epsilon", "momentum", "name"):
+    for key in ("channel", "spatial", "sparsity", "stop_gradient", "epsilon", "momentum",
+                "synchronized", "name"):
         assert getattr(clone, key) == getattr(layer, key), key
     assert clone.get_config() == config
     assert clone.spatial_bn.momentum == 0.8 and clone.channel_bn is None

@@ -153,3 +153,11 @@ def test_tiny_nam_resnet_learns():
     history = model.fit(x, y, batch_size=16, epochs=8, verbose=0).history["loss"]
     assert history[-1] < 0.7 * history[0], history
     assert all(np.isfinite(history))
+
+
+def test_sync_bn_reaches_every_batch_normalization():
+    model = build_resnet(depth=18, width=8, sync_bn=True)
+    bns = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    assert bns and all(bn.synchronized for bn in bns)
+    assert not any(bn.synchronized for bn in build_resnet(depth=18, width=8)._flatten_layers()
+                   if isinstance(bn, keras.layers.BatchNormalization))

@@ -153,7 +153,7 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
                                           "--cpu-replicas", "2"))
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
-    assert "strategy MirroredStrategy with 2 replica(s)" in out
+    assert "strategy MirroredStrategy with 2 replica(s)" in out and "synchronised BN" in out
     assert "global batch 8 (4 per replica)" in out
     keras.models.load_model(tmp_path / "run.keras")
 
@@ -183,6 +183,7 @@ def test_multi_worker_mirrored_two_processes(tmp_path):
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out
         assert "strategy MultiWorkerMirroredStrategy with 2 replica(s)" in out
+    # trainable weights, optimizer state and (synchronised) BN statistics alike
     w0, w1 = (keras.models.load_model(tmp_path / f"worker{i}.keras").get_weights() for i in range(2))
     initial = nam_keras.build_resnet(depth=18, width=4)  # weights moved away from any init
     assert len(w0) == len(w1) == len(initial.get_weights())
