@@ -1,0 +1,65 @@
+"""model.fit on the real augmented pipeline versus the bare train step on in-memory data.
+
+    python bench/fit_vs_step.py                    # depth 50, batch 64
+    python bench/fit_vs_step.py --depth 18 --width 16 --batch-size 128
+
+Both use the same compiled model (precision `auto`, XLA off on the CPU). The
+"bare" figure repeats one batch already in memory; the "fit" figure runs
+`model.fit` on `data.train_pipeline` (per-image augmentation, shuffling,
+prefetching) over synthetic CIFAR-shaped data, which takes the same path as
+the real data. The pipeline's cost is 1 - fit / bare images/s.
+"""
+
+import argparse
+import time
+
+import common
+import keras
+import numpy as np
+import tensorflow as tf
+
+from nam_keras import build_resnet, data
+from nam_keras.training import TorchSGD, resolve_jit, resolve_precision
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--depth", type=int, default=50)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+
+    gpus = tf.config.list_physical_devices("GPU")
+    precision, xla = resolve_precision("auto", gpus), resolve_jit("auto", gpus)
+    keras.mixed_precision.set_global_policy(precision)
+    model = build_resnet(depth=args.depth, width=args.width)
+    model.compile(optimizer=TorchSGD(0.01), jit_compile=xla,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    n = args.batch_size * (args.steps + args.warmup)
+    train, _ = data.load_cifar100("synthetic", synthetic_sizes=(max(n, 1024), 16))
+    x, y = next(iter(data.train_pipeline(train, args.batch_size, seed=0)))
+
+    median, _ = common.timed(common.train_step_fn(model, x, y), args.steps, args.warmup)
+    bare = args.batch_size / median
+
+    pipeline = data.train_pipeline(train, args.batch_size, seed=0, repeat=True)
+    model.fit(pipeline, epochs=1, steps_per_epoch=args.warmup, verbose=0)
+    start = time.perf_counter()
+    model.fit(pipeline, epochs=1, steps_per_epoch=args.steps, verbose=0)
+    fit = args.steps * args.batch_size / (time.perf_counter() - start)
+    cost = 1 - fit / bare
+    print(f"machine: {common.machine()}; ResNet-{args.depth} width {args.width} NAM, batch "
+          f"{args.batch_size}, {precision}, XLA {'on' if xla else 'off'}")
+    print(f"{'bare train step (in memory)':<34}{bare:9.1f} img/s")
+    print(f"{'model.fit on augmented pipeline':<34}{fit:9.1f} img/s")
+    print(f"pipeline cost: {cost:.1%} of the step time")
+    common.write_json(args.json, {"machine": common.machine(), "bare_images_per_s": bare,
+                                  "fit_images_per_s": fit, "pipeline_cost": cost,
+                                  "precision": precision, "xla": xla, "args": vars(args)})
+
+
+if __name__ == "__main__":
+    main()
