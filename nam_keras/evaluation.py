@@ -10,6 +10,7 @@ import numpy as np
 
 from nam_keras.data import CIFAR100_LABELS, IMAGE_SHAPE
 from nam_keras.layers import NAMAttention
+from nam_keras.training import atomic_path
 
 
 class ModelError(ValueError):
@@ -139,15 +140,11 @@ def plot_nam_report(report, path):
     fig.supylabel("weight / uniform weight", fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

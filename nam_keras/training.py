@@ -1,6 +1,7 @@
 """Training pieces: the PyTorch-style SGD, the warmup-cosine callback, device
 choices (precision, XLA, distribution strategy) and run-directory helpers."""
 
+import contextlib
 import json
 import math
 import os
@@ -262,33 +263,32 @@ def make_strategy(cpu_replicas=0):
 # --------------------------------------------------------------------------- files
 
 
-def atomic_write_text(path, text):
-    """Writes `text` to `path` through a temporary file and a rename."""
+@contextlib.contextmanager
+def atomic_path(path, suffix=""):
+    """Yields a temporary path next to `path`; renames it to `path` when the
+    block succeeds and removes it otherwise, so `path` is always either the
+    old file or the complete new one."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+
+
+def atomic_write_text(path, text):
+    """Writes `text` to `path` through a temporary file and a rename."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
 
 
 def save_model_atomic(model, path):
-    """`model.save(path)` through a temporary `.keras` file and a rename, so
-    that `path` is either the old file or the complete new one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".keras")
-    os.close(fd)
-    try:
+    """`model.save(path)` through a temporary `.keras` file and a rename."""
+    with atomic_path(path, suffix=".keras") as tmp:
         model.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def check_writable(path):
