@@ -53,7 +53,7 @@ class NAMAttention(keras.layers.Layer):
     >>> import numpy as np, keras, nam_keras
     >>> layer = nam_keras.NAMAttention()
     >>> x = np.random.default_rng(0).normal(size=(2, 8, 8, 16)).astype("float32")
-    >>> layer(x, training=True).shape
+    >>> tuple(layer(x, training=True).shape)
     (2, 8, 8, 16)
     >>> [round(float(v), 6) for v in layer.losses]   # 1e-4 * sum |gamma| = 1e-4 * 16
     [0.0016]
