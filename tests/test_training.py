@@ -251,3 +251,21 @@ def test_resume_refuses_a_different_run(tmp_path, capsys):
     capsys.readouterr()
     assert train.main(args + ["--baseline"]) == 2
     assert "holds a backup of a different run" in capsys.readouterr().err
+
+
+def test_train_and_evaluate_on_a_local_archive(tmp_path, capsys):
+    """The real archive path end to end: --data-dir with a CIFAR-100 python archive."""
+    import evaluate
+    from test_data import make_cifar_archive
+
+    archive, _ = make_cifar_archive(tmp_path / "cifar-100-python.tar.gz", n_train=32, n_test=20)
+    args = [a for a in tiny_args(tmp_path, "--epochs", "1", "--steps-per-epoch", "2")]
+    args[args.index("synthetic")] = "cifar100"
+    with pytest.warns(UserWarning, match="subset"):
+        assert train.main(args + ["--data-dir", str(archive)]) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["train_examples"] == 32 and config["data_dir"] == str(archive)
+    with pytest.warns(UserWarning, match="subset"):
+        assert evaluate.main([str(tmp_path / "run.keras"), "--data-dir", str(archive),
+                              "--json", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["test"]["examples"] == 20
