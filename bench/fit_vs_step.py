@@ -15,7 +15,6 @@ import time
 
 import common
 import keras
-import numpy as np
 import tensorflow as tf
 
 from nam_keras import build_resnet, data

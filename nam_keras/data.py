@@ -10,7 +10,6 @@ pixels in [0, 255] and normalise with the CIFAR-100 mean/std in their first
 """
 
 import concurrent.futures
-import io
 import math
 import os
 import pickle

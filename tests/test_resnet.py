@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import nam_keras
-from nam_keras import NAMAttention, build_resnet, nam_layers
+from nam_keras import build_resnet, nam_layers
 
 
 def _split_counts(model):
