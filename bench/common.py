@@ -89,3 +89,17 @@ def train_step_fn(model, x, y):
         keras.ops.convert_to_numpy(logs["loss"])
 
     return step
+
+
+def compiled_resnet(depth, width, precision, xla, attention="nam"):
+    """A fresh ResNet under `precision`, compiled for training as train.py does."""
+    from nam_keras import build_resnet
+    from nam_keras.training import TorchSGD
+
+    keras.backend.clear_session()
+    keras.mixed_precision.set_global_policy(precision)
+    keras.utils.set_random_seed(0)
+    model = build_resnet(depth=depth, width=width, attention=attention)
+    model.compile(optimizer=TorchSGD(0.01), jit_compile=xla,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model

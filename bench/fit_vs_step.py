@@ -14,11 +14,10 @@ import argparse
 import time
 
 import common
-import keras
 import tensorflow as tf
 
-from nam_keras import build_resnet, data
-from nam_keras.training import TorchSGD, resolve_jit, resolve_precision
+from nam_keras import data
+from nam_keras.training import resolve_jit, resolve_precision
 
 
 def main(argv=None):
@@ -33,10 +32,7 @@ def main(argv=None):
 
     gpus = tf.config.list_physical_devices("GPU")
     precision, xla = resolve_precision("auto", gpus), resolve_jit("auto", gpus)
-    keras.mixed_precision.set_global_policy(precision)
-    model = build_resnet(depth=args.depth, width=args.width)
-    model.compile(optimizer=TorchSGD(0.01), jit_compile=xla,
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model = common.compiled_resnet(args.depth, args.width, precision, xla)
     n = args.batch_size * (args.steps + args.warmup)
     train, _ = data.load_cifar100("synthetic", synthetic_sizes=(max(n, 1024), 16))
     x, y = next(iter(data.train_pipeline(train, args.batch_size, seed=0)))

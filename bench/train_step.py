@@ -18,19 +18,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from nam_keras import build_resnet
-from nam_keras.training import TorchSGD
-
 PEAK_DTYPE = {"float32": tf.float32, "mixed_bfloat16": tf.bfloat16, "mixed_float16": tf.float16}
 
 
 def measure(depth, width, batch, precision, xla, attention, steps, warmup):
-    keras.backend.clear_session()
-    keras.mixed_precision.set_global_policy(precision)
-    keras.utils.set_random_seed(0)
-    model = build_resnet(depth=depth, width=width, attention=attention)
-    model.compile(optimizer=TorchSGD(0.01), jit_compile=xla,
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model = common.compiled_resnet(depth, width, precision, xla, attention)
     rng = np.random.default_rng(0)
     x = tf.constant(rng.integers(0, 256, (batch, 32, 32, 3)).astype("float32"))
     y = tf.constant(rng.integers(0, 100, (batch,)).astype("int32"))
