@@ -371,7 +371,7 @@ def train_pipeline(ds, batch_size, seed=0, augment=True, randaugment=False, mixu
         raise ValueError(f"batch_size must be >= 1; received {batch_size}.")
     n = int(ds.cardinality())
     if n >= 0 and n < batch_size:
-        raise ValueError(f"batch_size {batch_size} is larger than the {n} training examples.")
+        raise DataError(f"batch_size {batch_size} is larger than the {n} training examples.")
     ds = ds.shuffle(shuffle_buffer or max(n, 1), seed=seed, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()

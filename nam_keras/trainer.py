@@ -116,11 +116,20 @@ def train(args):
 
     lr = args.lr * (args.batch_size / 128 if args.lr_scaling == "linear" else 1.0)
     arrays = load_arrays(args)
-    n_train = len(arrays["train"][1])
-    if n_train < args.batch_size:
-        raise training.ConfigError(
-            f"--batch-size {args.batch_size} is larger than the {n_train} training examples."
+    # train_pipeline refuses a batch larger than the training split (DataError).
+    train_ds = data.train_pipeline(
+        tf.data.Dataset.from_tensor_slices(arrays["train"]), args.batch_size, seed=args.seed,
+        augment=not args.no_augment, randaugment=args.randaugment, mixup=args.mixup,
+        cutmix=args.cutmix, repeat=True,
+    )
+    val_ds = None
+    if args.val_freq:
+        val_ds = data.eval_pipeline(
+            tf.data.Dataset.from_tensor_slices(arrays["test"]), args.batch_size,
+            one_hot=data.NUM_CLASSES if mixing else None,
         )
+
+    n_train = len(arrays["train"][1])
     steps_per_epoch = args.steps_per_epoch or n_train // args.batch_size
     total_steps = steps_per_epoch * args.epochs
     config = {
@@ -167,18 +176,6 @@ def train(args):
         log(f"resuming from the backup in {backup_dir}: {resumed_epoch} of {args.epochs} "
             "epochs done")
         _truncate_csv(csv_path, resumed_epoch)
-
-    train_ds = data.train_pipeline(
-        tf.data.Dataset.from_tensor_slices(arrays["train"]), args.batch_size, seed=args.seed,
-        augment=not args.no_augment, randaugment=args.randaugment, mixup=args.mixup,
-        cutmix=args.cutmix, repeat=True,
-    )
-    val_ds = None
-    if args.val_freq:
-        val_ds = data.eval_pipeline(
-            tf.data.Dataset.from_tensor_slices(arrays["test"]), args.batch_size,
-            one_hot=data.NUM_CLASSES if mixing else None,
-        )
 
     with strategy.scope():
         model = build_resnet(

@@ -269,3 +269,10 @@ def test_train_and_evaluate_on_a_local_archive(tmp_path, capsys):
         assert evaluate.main([str(tmp_path / "run.keras"), "--data-dir", str(archive),
                               "--json", str(tmp_path / "r.json")]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["test"]["examples"] == 20
+
+
+def test_batch_larger_than_the_training_split(tmp_path, capsys):
+    args = tiny_args(tmp_path, "--epochs", "1")
+    args[args.index("--synthetic-size") + 1] = "4"
+    assert train.main(args) == 2
+    assert "batch_size 8 is larger than the 4 training examples" in capsys.readouterr().err
