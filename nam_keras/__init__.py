@@ -1,10 +1,24 @@
 """nam-keras: NAM (Normalization-based Attention Module) in a CIFAR ResNet, Keras 3.
 
 Importing this package registers its serialisable objects, so that
-`keras.models.load_model("nam.keras")` works.
+`keras.models.load_model("nam.keras")` works. The model side (layers, network,
+optimizer, callbacks) is written in `keras.ops`; the data pipeline
+(`nam_keras.data`), the training run (`nam_keras.experiment`) and the
+SavedModel export (`nam_keras.export`) use TensorFlow.
 """
 
-from nam_keras.layers import NAMAttention
+from nam_keras.attention import (
+    ATTENTIONS,
+    NAMAttention,
+    create_attention,
+    get_attention,
+    register_attention,
+)
+from nam_keras.callbacks import StopOnNonFiniteLoss, WarmupCosine, warmup_cosine
+from nam_keras.config import EvalConfig, TrainConfig
+from nam_keras.errors import ConfigError, DataError, ModelError, NonFiniteLossError
+from nam_keras.normalization import BN_EPSILON, BN_MOMENTUM, batch_normalization
+from nam_keras.optimizers import TorchSGD
 from nam_keras.resnet import (
     CIFAR100_MEAN,
     CIFAR100_STD,
@@ -12,18 +26,31 @@ from nam_keras.resnet import (
     build_resnet,
     nam_layers,
 )
-from nam_keras.training import TorchSGD, WarmupCosine, warmup_cosine
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "ATTENTIONS",
+    "BN_EPSILON",
+    "BN_MOMENTUM",
     "CIFAR100_MEAN",
     "CIFAR100_STD",
+    "ConfigError",
+    "DataError",
+    "EvalConfig",
+    "ModelError",
     "NAMAttention",
+    "NonFiniteLossError",
     "RESNET_CONFIGS",
+    "StopOnNonFiniteLoss",
     "TorchSGD",
+    "TrainConfig",
     "WarmupCosine",
+    "batch_normalization",
     "build_resnet",
+    "create_attention",
+    "get_attention",
     "nam_layers",
+    "register_attention",
     "warmup_cosine",
 ]

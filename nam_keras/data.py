@@ -22,10 +22,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from nam_keras.config import DATASETS as SOURCES
+from nam_keras.config import NUM_CLASSES
+from nam_keras.errors import DataError
+
 IMAGE_SHAPE = (32, 32, 3)
-NUM_CLASSES = 100
 FULL_SIZES = {"train": 50_000, "test": 10_000}
-SOURCES = ("cifar100", "synthetic")
 
 # Host that TFDS downloads CIFAR-100 from; probed before a download so that an
 # offline machine fails in seconds instead of retrying for minutes.
@@ -46,10 +48,6 @@ CIFAR100_LABELS = (
     "tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm"
 ).split()
 assert len(CIFAR100_LABELS) == NUM_CLASSES
-
-
-class DataError(ValueError):
-    """The data source is missing, unreachable or not CIFAR-100 shaped."""
 
 
 _OFFLINE_HELP = (
@@ -252,6 +250,14 @@ def load_cifar100_arrays(source="cifar100", data_dir=None, tfds_data_dir=None,
     if data_dir:
         return read_cifar100_python(data_dir)
     return _tfds_arrays(tfds_data_dir)
+
+
+def load_for(config):
+    """`load_cifar100_arrays` with the data settings of a `TrainConfig`/`EvalConfig`."""
+    return load_cifar100_arrays(
+        config.dataset, data_dir=config.data_dir, tfds_data_dir=config.tfds_data_dir,
+        synthetic_sizes=tuple(config.synthetic_size), seed=config.seed,
+    )
 
 
 def load_cifar100(source="cifar100", data_dir=None, tfds_data_dir=None,

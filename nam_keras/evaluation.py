@@ -1,20 +1,15 @@
-"""Evaluation behind `evaluate.py`: accuracy report, NAM analysis, SavedModel export."""
+"""Evaluation behind `evaluate.py`: loading a model, accuracy report, NAM analysis and plot."""
 
 import os
-import shutil
-import tempfile
 import zipfile
 
 import keras
 import numpy as np
 
 from nam_keras.data import CIFAR100_LABELS, IMAGE_SHAPE
-from nam_keras.layers import NAMAttention
-from nam_keras.training import atomic_path
-
-
-class ModelError(ValueError):
-    """The file is not a usable CIFAR-100 Keras model, or an export path is wrong."""
+from nam_keras.errors import ModelError
+from nam_keras.io import atomic_path
+from nam_keras.resnet import nam_layers
 
 
 def load_model(path):
@@ -69,7 +64,7 @@ def nam_report(model, near_zero=0.1):
 
     Returns `None` for a model without NAM layers.
     """
-    layers = [layer for layer in model.layers if isinstance(layer, NAMAttention)]
+    layers = nam_layers(model)
     if not layers:
         return None
     blocks = []
@@ -148,57 +143,42 @@ def plot_nam_report(report, path):
     return path
 
 
-# --------------------------------------------------------------------------- export
-
-
-def next_version(export_dir):
-    """The next free integer version under `export_dir` (1 when empty)."""
-    versions = [int(n) for n in os.listdir(export_dir) if n.isdigit()] if os.path.isdir(export_dir) else []
-    return max(versions, default=0) + 1
-
-
-def export_saved_model(model, export_dir, verbose=False):
-    """Writes a TF Serving SavedModel as `export_dir/<next version>/`.
-
-    Signature `serving_default`: input `images` uint8 (None, 32, 32, 3) raw
-    pixels; outputs `probabilities` float32 (None, num_classes) and
-    `top5_classes` int32 (None, 5). The version is written to a temporary
-    folder and renamed, so TF Serving never sees half a model and no existing
-    version is overwritten. Returns the version's path.
-    """
+def evaluate_test_set(model, config):
+    """`accuracy_report` of `model` on the test split named by an `EvalConfig`."""
     import tensorflow as tf
 
-    export_dir = os.fspath(export_dir)
-    if os.path.exists(export_dir) and not os.path.isdir(export_dir):
-        raise ModelError(f"export path {export_dir} is a file; expected a folder (its versions go in it).")
-    os.makedirs(export_dir, exist_ok=True)
-    k = min(5, int(model.output_shape[-1]))
+    from nam_keras import data
 
-    def serve(images):
-        # A loaded signature does not check the shape itself: refuse clearly.
-        images = tf.ensure_shape(images, (None, *IMAGE_SHAPE), name="images_must_be_Nx32x32x3")
-        logits = model(tf.cast(images, tf.float32), training=False)
-        probabilities = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
-        top = tf.math.top_k(probabilities, k=k).indices
-        return {"probabilities": probabilities, "top5_classes": tf.cast(top, tf.int32)}
+    images, labels = data.load_for(config)["test"]
+    ds = data.eval_pipeline(tf.data.Dataset.from_tensor_slices((images, labels)), config.batch_size)
+    logits = model.predict(ds, verbose=1)
+    return accuracy_report(np.asarray(logits, np.float32), labels)
 
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(
-        "serving_default", serve,
-        input_signature=[tf.TensorSpec((None, *IMAGE_SHAPE), tf.uint8, name="images")],
-    )
-    tmp = tempfile.mkdtemp(dir=export_dir, prefix=".tmp-export-")
-    try:
-        archive.write_out(tmp, verbose=verbose)
-        while True:  # another exporter may take a number meanwhile: never overwrite
-            final = os.path.join(export_dir, str(next_version(export_dir)))
-            try:
-                os.rename(tmp, final)
-                return final
-            except OSError:
-                if not os.path.exists(final):
-                    raise
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
+
+def accuracy_lines(name, test):
+    """The console summary of an `accuracy_report`."""
+    worst = ", ".join(f"{w['class']} {w['accuracy']:.0%}" for w in test["worst_classes"])
+    return [
+        f"{name} on {test['examples']} test images: loss {test['loss']:.4f}, "
+        f"top-1 {test['top1']:.2%}, top-5 {test['top5']:.2%}",
+        f"worst classes: {worst}",
+    ]
+
+
+def nam_lines(report, near_zero):
+    """The console summary of a `nam_report` (`None`: a model without NAM)."""
+    if report is None:
+        return ["NAM report: the model has no NAM layers (a baseline); nothing to report."]
+    lines = [
+        f"NAM report: {len(report['layers'])} NAM layers, {report['near_zero_channels']} of "
+        f"{report['channels']} channels ({report['near_zero_fraction']:.1%}) below "
+        f"{near_zero:g} x the uniform weight"
+    ]
+    for entry in report["layers"]:
+        ch = entry["channel"]
+        r = ch["relative_to_uniform"]
+        lines.append(
+            f"  {entry['layer']:<22} C={ch['size']:<5} near zero {ch['near_zero_fraction']:6.1%}"
+            f"   weight/uniform min {r['min']:.3f} median {r['median']:.3f} max {r['max']:.3f}"
+        )
+    return lines

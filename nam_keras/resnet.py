@@ -1,8 +1,16 @@
-"""CIFAR-style ResNets (18/34/50/101/152) with a pluggable attention hook."""
+"""CIFAR-style ResNets (18/34/50/101/152) with an attention module in every block.
+
+The network is written as Keras' `applications/resnet.py` writes it: blocks
+are functions of a tensor, one layer per line, a stage is a stack of blocks,
+and `build_resnet` assembles stem, stages and head into a functional model.
+"""
+
+import dataclasses
 
 import keras
 
-from nam_keras.layers import BN_EPSILON, BN_MOMENTUM, NAMAttention
+from nam_keras.attention import ATTENTIONS, NAMAttention, create_attention
+from nam_keras.normalization import batch_normalization
 
 #: CIFAR-100 channel statistics on the [0, 1] scale (SPEC section 4).
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
@@ -16,108 +24,214 @@ RESNET_CONFIGS = {
     101: ("bottleneck", (3, 4, 23, 3)),
     152: ("bottleneck", (3, 8, 36, 3)),
 }
-_STAGE_WIDTHS = (64, 128, 256, 512)
-_STAGE_STRIDES = (1, 2, 2, 2)
-_EXPANSION = {"basic": 1, "bottleneck": 4}
-_STEMS = ("cifar", "imagenet")
+STAGE_WIDTHS = (64, 128, 256, 512)
+STAGE_STRIDES = (1, 2, 2, 2)
+EXPANSION = {"basic": 1, "bottleneck": 4}
+STEMS = ("cifar", "imagenet")
 
 # He initialisation with fan-out, as torchvision initialises its ResNets.
-_CONV_INIT = {"class_name": "VarianceScaling",
-              "config": {"scale": 2.0, "mode": "fan_out", "distribution": "untruncated_normal"}}
+CONV_INIT = {
+    "class_name": "VarianceScaling",
+    "config": {"scale": 2.0, "mode": "fan_out", "distribution": "untruncated_normal"},
+}
 # torchvision's default nn.Linear initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-_DENSE_INIT = {"class_name": "VarianceScaling",
-               "config": {"scale": 1.0 / 3.0, "mode": "fan_in", "distribution": "uniform"}}
+DENSE_INIT = {
+    "class_name": "VarianceScaling",
+    "config": {"scale": 1.0 / 3.0, "mode": "fan_in", "distribution": "uniform"},
+}
 
 
-def nam_attention(channels, name, dtype=None, **kwargs):
-    """Attention factory for `build_resnet`: one `NAMAttention` per block."""
-    del channels  # NAM infers its width from its input
-    return NAMAttention(name=name, dtype=dtype, **kwargs)
+@dataclasses.dataclass(frozen=True)
+class BlockSettings:
+    """What every layer of one network shares.
+
+    Attributes:
+        dtype: dtype policy of every layer (`None`: the global policy).
+        sync_bn: cross-replica statistics in every BatchNormalization.
+        attention: `None` or a function `(channels, name) -> layer` applied
+            to the residual branch of every block.
+        attention_tag: the suffix of the attention layers' names (`"nam"`).
+    """
+
+    dtype: object = None
+    sync_bn: bool = False
+    attention: object = None
+    attention_tag: str = "attn"
 
 
-_ATTENTIONS = {"nam": nam_attention}
+# ------------------------------------------------------------------ layers
 
 
-class _Ops:
-    """Creates the layers of one network with shared settings and names."""
+def conv2d(x, filters, kernel_size, strides, name, settings):
+    """A bias-free convolution, padded symmetrically as PyTorch pads.
 
-    def __init__(self, dtype, sync_bn):
-        self.dtype = dtype
-        self.sync_bn = sync_bn
-
-    def conv(self, x, filters, kernel, stride, name):
-        if stride > 1 and kernel > 1:
-            # Symmetric padding as in PyTorch/Paddle (Keras' "same" pads only
-            # at the end for even sizes with stride 2).
-            x = keras.layers.ZeroPadding2D(kernel // 2, name=f"{name}_pad", dtype=self.dtype)(x)
-            padding = "valid"
-        else:
-            padding = "same"
-        return keras.layers.Conv2D(
-            filters, kernel, strides=stride, padding=padding, use_bias=False,
-            kernel_initializer=_CONV_INIT, name=name, dtype=self.dtype,
-        )(x)
-
-    def bn(self, x, name, gamma_initializer="ones"):
-        return keras.layers.BatchNormalization(
-            epsilon=BN_EPSILON, momentum=BN_MOMENTUM, gamma_initializer=gamma_initializer,
-            synchronized=self.sync_bn, name=name, dtype=self.dtype,
-        )(x)
-
-    def relu(self, x, name):
-        return keras.layers.ReLU(name=name, dtype=self.dtype)(x)
+    Keras' `"same"` padding pads only at the end for even sizes with stride
+    2; an explicit `ZeroPadding2D` then `"valid"` matches PyTorch/Paddle.
+    """
+    padding = "same"
+    if strides > 1 and kernel_size > 1:
+        x = keras.layers.ZeroPadding2D(kernel_size // 2, name=f"{name}_pad", dtype=settings.dtype)(x)
+        padding = "valid"
+    return keras.layers.Conv2D(
+        filters,
+        kernel_size,
+        strides=strides,
+        padding=padding,
+        use_bias=False,
+        kernel_initializer=CONV_INIT,
+        name=name,
+        dtype=settings.dtype,
+    )(x)
 
 
-def _residual_block(o, x, kind, width, stride, attention, name):
-    """One basic or bottleneck block; `attention` is applied to the residual
-    branch after its last BN, before the addition with the shortcut."""
-    out_channels = width * _EXPANSION[kind]
-    if kind == "basic":
-        y = o.relu(o.bn(o.conv(x, width, 3, stride, f"{name}_conv1"), f"{name}_bn1"), f"{name}_relu1")
-        y = o.bn(o.conv(y, width, 3, 1, f"{name}_conv2"), f"{name}_bn2")
+def batch_norm(x, name, settings):
+    """The reference BatchNormalization (epsilon 1e-5, momentum 0.9)."""
+    return batch_normalization(name, synchronized=settings.sync_bn, dtype=settings.dtype)(x)
+
+
+def relu(x, name, settings):
+    return keras.layers.ReLU(name=name, dtype=settings.dtype)(x)
+
+
+# ------------------------------------------------------------------ blocks
+
+
+def apply_shortcut(x, out_channels, strides, name, settings):
+    """Identity, or a 1x1 projection + BN where the shape changes."""
+    if strides == 1 and x.shape[-1] == out_channels:
+        return x
+    x = conv2d(x, out_channels, 1, strides, f"{name}_proj_conv", settings)
+    return batch_norm(x, f"{name}_proj_bn", settings)
+
+
+def apply_block_output(x, residual, strides, name, settings):
+    """Attention on the residual branch, the shortcut of the block input `x`,
+    the addition and the final ReLU."""
+    out_channels = residual.shape[-1]
+    if settings.attention is not None:
+        layer_name = f"{name}_{settings.attention_tag}"
+        residual = settings.attention(out_channels, layer_name)(residual)
+    shortcut = apply_shortcut(x, out_channels, strides, name, settings)
+    y = keras.layers.Add(name=f"{name}_add", dtype=settings.dtype)([residual, shortcut])
+    return relu(y, f"{name}_out", settings)
+
+
+def apply_basic_block(x, filters, strides, name, settings):
+    """Two 3x3 convolutions (ResNet-18/34); `filters` output channels."""
+    y = conv2d(x, filters, 3, strides, f"{name}_conv1", settings)
+    y = batch_norm(y, f"{name}_bn1", settings)
+    y = relu(y, f"{name}_relu1", settings)
+    y = conv2d(y, filters, 3, 1, f"{name}_conv2", settings)
+    y = batch_norm(y, f"{name}_bn2", settings)
+    return apply_block_output(x, y, strides, name, settings)
+
+
+def apply_bottleneck_block(x, filters, strides, name, settings):
+    """1x1, 3x3 (strided), 1x1 convolutions; `4 * filters` output channels."""
+    out_channels = filters * EXPANSION["bottleneck"]
+    y = conv2d(x, filters, 1, 1, f"{name}_conv1", settings)
+    y = batch_norm(y, f"{name}_bn1", settings)
+    y = relu(y, f"{name}_relu1", settings)
+    y = conv2d(y, filters, 3, strides, f"{name}_conv2", settings)
+    y = batch_norm(y, f"{name}_bn2", settings)
+    y = relu(y, f"{name}_relu2", settings)
+    y = conv2d(y, out_channels, 1, 1, f"{name}_conv3", settings)
+    y = batch_norm(y, f"{name}_bn3", settings)
+    return apply_block_output(x, y, strides, name, settings)
+
+
+BLOCKS = {"basic": apply_basic_block, "bottleneck": apply_bottleneck_block}
+
+
+def apply_stage(x, kind, filters, blocks, strides, name, settings):
+    """`blocks` residual blocks; the first one carries the stage's stride."""
+    for b in range(1, blocks + 1):
+        x = BLOCKS[kind](x, filters, strides if b == 1 else 1, f"{name}_block{b}", settings)
+    return x
+
+
+def apply_stem(x, stem, filters, settings):
+    """CIFAR stem (3x3/1 conv, no pooling) or ImageNet stem (7x7/2 + max-pool)."""
+    if stem == "cifar":
+        x = conv2d(x, filters, 3, 1, "stem_conv", settings)
     else:
-        y = o.relu(o.bn(o.conv(x, width, 1, 1, f"{name}_conv1"), f"{name}_bn1"), f"{name}_relu1")
-        y = o.relu(o.bn(o.conv(y, width, 3, stride, f"{name}_conv2"), f"{name}_bn2"), f"{name}_relu2")
-        y = o.bn(o.conv(y, out_channels, 1, 1, f"{name}_conv3"), f"{name}_bn3")
-    if attention is not None:
-        y = attention(out_channels, f"{name}_{attention.tag}")(y)
-    shortcut = x
-    if stride != 1 or x.shape[-1] != out_channels:
-        shortcut = o.conv(x, out_channels, 1, stride, f"{name}_proj_conv")
-        shortcut = o.bn(shortcut, f"{name}_proj_bn")
-    y = keras.layers.Add(name=f"{name}_add", dtype=o.dtype)([y, shortcut])
-    return o.relu(y, f"{name}_out")
+        x = conv2d(x, filters, 7, 2, "stem_conv", settings)
+    x = batch_norm(x, "stem_bn", settings)
+    x = relu(x, "stem_relu", settings)
+    if stem == "imagenet":
+        x = keras.layers.ZeroPadding2D(1, name="stem_pool_pad", dtype=settings.dtype)(x)
+        x = keras.layers.MaxPooling2D(3, strides=2, name="stem_pool", dtype=settings.dtype)(x)
+    return x
 
 
-def _resolve_attention(attention, attention_kwargs, dtype, sync_bn):
-    """Turns the `attention` argument into a factory `(channels, name) -> layer`."""
+def apply_normalization(x, dtype):
+    """Raw [0, 255] pixels -> CIFAR-100 standardised; holds no weights."""
+    return keras.layers.Normalization(
+        mean=[255.0 * m for m in CIFAR100_MEAN],
+        variance=[(255.0 * s) ** 2 for s in CIFAR100_STD],
+        name="normalize",
+        dtype=dtype,
+    )(x)
+
+
+# ------------------------------------------------------------------ builder
+
+
+def _positive_int(value, what):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"`{what}` must be a positive integer; received {value!r}.")
+
+
+def _validate(depth, num_classes, input_shape, stem, normalize_inputs, width):
+    if depth not in RESNET_CONFIGS:
+        raise ValueError(f"Unsupported depth {depth!r}; expected one of {sorted(RESNET_CONFIGS)}.")
+    if stem not in STEMS:
+        raise ValueError(f"Unknown stem {stem!r}; expected one of {list(STEMS)}.")
+    _positive_int(num_classes, "num_classes")
+    _positive_int(width, "width")
+    if len(input_shape) != 3 or input_shape[-1] is None:
+        raise ValueError(
+            "`input_shape` must be (height, width, channels) with a known number "
+            f"of channels; received {input_shape!r}."
+        )
+    if normalize_inputs and input_shape[-1] != 3:
+        raise ValueError(
+            "normalize_inputs=True uses the 3-channel CIFAR-100 statistics; received "
+            f"input_shape={input_shape!r} (pass normalize_inputs=False)."
+        )
+
+
+def attention_settings(attention, attention_kwargs, dtype, sync_bn):
+    """`(factory, tag)` for `BlockSettings` from `build_resnet`'s arguments.
+
+    A registry name gives `create_attention(name, ...)` with the network's
+    dtype and BN synchronisation; a callable is called as
+    `attention(channels, name, **attention_kwargs)`.
+    """
     kwargs = dict(attention_kwargs or {})
     if attention is None:
         if kwargs:
             raise ValueError(f"attention_kwargs={kwargs!r} given with attention=None.")
-        return None
+        return None, "plain"
     if isinstance(attention, str):
-        if attention not in _ATTENTIONS:
+        if attention not in ATTENTIONS:
             raise ValueError(
-                f"Unknown attention {attention!r}; expected one of "
-                f"{sorted(_ATTENTIONS)}, None, or a callable (channels, name) -> layer."
+                f"Unknown attention {attention!r}; expected one of {sorted(ATTENTIONS)}, "
+                "None, or a callable (channels, name) -> layer."
             )
-        base, tag = _ATTENTIONS[attention], attention
-    elif callable(attention):
-        base, tag = attention, "attn"
-    else:
-        raise ValueError(
-            "`attention` must be 'nam', None, or a callable (channels, name) -> "
-            f"layer; received {attention!r}."
-        )
+        options = {"synchronized": sync_bn, **kwargs}
 
-    def factory(channels, name):
-        if base is nam_attention:
-            return base(channels, name, dtype=dtype, **{"synchronized": sync_bn, **kwargs})
-        return base(channels, name, **kwargs)
+        def factory(channels, name):
+            del channels  # registered layers infer their width from the input
+            return create_attention(attention, name, dtype=dtype, **options)
 
-    factory.tag = tag
-    return factory
+        return factory, attention
+    if callable(attention):
+        return (lambda channels, name: attention(channels, name, **kwargs)), "attn"
+    raise ValueError(
+        f"`attention` must be one of {sorted(ATTENTIONS)}, None, or a callable "
+        f"(channels, name) -> layer; received {attention!r}."
+    )
 
 
 def build_resnet(
@@ -143,9 +257,11 @@ def build_resnet(
     Args:
         depth: 18, 34 (basic blocks), 50, 101 or 152 (bottleneck blocks).
         num_classes: size of the classifier. Defaults to 100.
-        attention: `"nam"` (default), `None` for the plain ResNet, or a callable
-            `(channels, name) -> keras.layers.Layer` applied in every block
-            after the last BN of the residual branch (timm's `attn_layer` hook).
+        attention: a name registered with `register_attention` (`"nam"`,
+            the default), `None` for the plain ResNet, or a callable
+            `(channels, name) -> keras.layers.Layer` (timm's `attn_layer`
+            hook). It is applied in every block after the last BN of the
+            residual branch, before the addition with the shortcut.
         input_shape: `(height, width, channels)`; defaults to `(32, 32, 3)`.
         stem: `"cifar"` (3x3/1 conv, no pooling; default) or `"imagenet"`
             (7x7/2 conv and 3x3/2 max-pool).
@@ -155,12 +271,18 @@ def build_resnet(
             the model. Defaults to `True`.
         width: channels of the stem and of the first stage (64 in the paper);
             a smaller value gives a narrow network for tests and smoke runs.
-        sync_bn: synchronise the BN batch statistics of every BatchNormalization
-            (NAM's included) across the replicas of a `tf.distribute` strategy,
-            so that several devices train like one device on the global batch.
+        sync_bn: synchronise the batch statistics of every BatchNormalization
+            (the attention modules' included) across the replicas of a
+            `tf.distribute` strategy, so that several devices train like one
+            device on the global batch.
         dtype: dtype policy for every layer (e.g. `"mixed_bfloat16"`);
             `None` uses the global policy. The logits are always float32.
         name: model name; defaults to e.g. `"resnet50_nam"`.
+
+    Returns:
+        A `keras.Model` from `images` `(N, *input_shape)` to float32 logits
+        `(N, num_classes)`. Layers are named `stem_conv`,
+        `stage2_block3_nam`, `stage4_block1_proj_conv`, ...
 
     Example:
 
@@ -172,64 +294,38 @@ def build_resnet(
     >>> tiny.output_shape
     (None, 100)
     """
-    if depth not in RESNET_CONFIGS:
-        raise ValueError(f"Unsupported depth {depth!r}; expected one of {sorted(RESNET_CONFIGS)}.")
-    if stem not in _STEMS:
-        raise ValueError(f"Unknown stem {stem!r}; expected one of {list(_STEMS)}.")
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ValueError(f"`num_classes` must be a positive integer; received {num_classes!r}.")
-    if not isinstance(width, int) or isinstance(width, bool) or width < 1:
-        raise ValueError(f"`width` must be a positive integer; received {width!r}.")
     input_shape = tuple(input_shape)
-    if len(input_shape) != 3 or input_shape[-1] is None:
-        raise ValueError(
-            "`input_shape` must be (height, width, channels) with a known number "
-            f"of channels; received {input_shape!r}."
-        )
-    if normalize_inputs and input_shape[-1] != 3:
-        raise ValueError(
-            "normalize_inputs=True uses the 3-channel CIFAR-100 statistics; received "
-            f"input_shape={input_shape!r} (pass normalize_inputs=False)."
-        )
-    kind, blocks = RESNET_CONFIGS[depth]
-    attn = _resolve_attention(attention, attention_kwargs, dtype, sync_bn)
-    if name is None:
-        name = f"resnet{depth}_{'plain' if attention is None else attn.tag}"
+    _validate(depth, num_classes, input_shape, stem, normalize_inputs, width)
+    factory, tag = attention_settings(attention, attention_kwargs, dtype, sync_bn)
+    settings = BlockSettings(dtype=dtype, sync_bn=sync_bn, attention=factory, attention_tag=tag)
+    kind, blocks_per_stage = RESNET_CONFIGS[depth]
 
-    o = _Ops(dtype, sync_bn)
+    # === Functional Model ===
     inputs = keras.Input(shape=input_shape, name="images")
-    x = inputs
-    if normalize_inputs:
-        x = keras.layers.Normalization(
-            mean=[255.0 * m for m in CIFAR100_MEAN],
-            variance=[(255.0 * s) ** 2 for s in CIFAR100_STD],
-            name="normalize", dtype=dtype,
-        )(x)
-    if stem == "cifar":
-        x = o.conv(x, width, 3, 1, "stem_conv")
-    else:
-        x = o.conv(x, width, 7, 2, "stem_conv")
-    x = o.relu(o.bn(x, "stem_bn"), "stem_relu")
-    if stem == "imagenet":
-        x = keras.layers.ZeroPadding2D(1, name="stem_pool_pad", dtype=dtype)(x)
-        x = keras.layers.MaxPooling2D(3, strides=2, name="stem_pool", dtype=dtype)(x)
-
-    for s, (n_blocks, stage_width, stride) in enumerate(
-        zip(blocks, _STAGE_WIDTHS, _STAGE_STRIDES), start=1
-    ):
-        stage_width = stage_width * width // 64
-        for b in range(1, n_blocks + 1):
-            x = _residual_block(
-                o, x, kind, stage_width, stride if b == 1 else 1, attn, f"stage{s}_block{b}"
-            )
+    x = apply_normalization(inputs, dtype) if normalize_inputs else inputs
+    x = apply_stem(x, stem, width, settings)
+    stages = zip(blocks_per_stage, STAGE_WIDTHS, STAGE_STRIDES)
+    for s, (blocks, stage_width, strides) in enumerate(stages, start=1):
+        filters = stage_width * width // 64
+        x = apply_stage(x, kind, filters, blocks, strides, f"stage{s}", settings)
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool", dtype=dtype)(x)
     outputs = keras.layers.Dense(
-        num_classes, kernel_initializer=_DENSE_INIT, bias_initializer=_DENSE_INIT,
-        name="logits", dtype="float32",
+        num_classes,
+        kernel_initializer=DENSE_INIT,
+        bias_initializer=DENSE_INIT,
+        name="logits",
+        dtype="float32",
     )(x)
-    return keras.Model(inputs, outputs, name=name)
+    return keras.Model(inputs, outputs, name=name or f"resnet{depth}_{tag}")
 
 
 def nam_layers(model):
-    """The `NAMAttention` layers of a model, in network order."""
+    """The `NAMAttention` layers of a model, in network order.
+
+    Args:
+        model: a `keras.Model`.
+
+    Returns:
+        A list of `NAMAttention` layers (empty for a model without NAM).
+    """
     return [layer for layer in model.layers if isinstance(layer, NAMAttention)]

@@ -1,10 +1,24 @@
+"""Shared fixtures: float32 policy and seeds for every test, tiny training
+runs, CIFAR-100 archives in the real format, and a trained tiny model."""
+
+import io
 import os
+import pickle
+import subprocess
+import sys
+import tarfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: The flags of a tiny, seconds-long train.py run (add --epochs etc.).
+TINY = ["--dataset", "synthetic", "--synthetic-size", "64", "16", "--depth", "18", "--width", "4",
+        "--batch-size", "8", "--precision", "float32", "--verbose", "2"]
 
 
 @pytest.fixture(autouse=True)
@@ -19,3 +33,104 @@ def _float32_policy_and_seed():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def tiny_args(tmp_path):
+    """`tiny_args(*extra, name="run")`: TINY flags writing into `tmp_path`."""
+
+    def make(*extra, name="run"):
+        return TINY + ["--run-dir", str(tmp_path / name),
+                       "--output", str(tmp_path / f"{name}.keras"), *extra]
+
+    return make
+
+
+@pytest.fixture
+def run_script():
+    """`run_script("train.py", args, env=None)`: a child Python process
+    running one of the top-level scripts, stdout and stderr merged."""
+
+    def start(script, args, env=None, **kwargs):
+        return subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs,
+        )
+
+    return start
+
+
+def write_cifar_archive(path, n_train=6, n_test=4, seed=0, folder=False, drop=None):
+    """Writes CIFAR-100 in its real python format: pickles with b"data"
+    (N, 3072) uint8 in CHW order, b"fine_labels", b"coarse_labels".
+
+    Returns `(path written, {split: (NHWC images, labels)})`.
+    """
+    from nam_keras.data import CIFAR100_LABELS
+
+    rng = np.random.default_rng(seed)
+    expected = {}
+    blobs = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        chw = rng.integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)
+        labels = rng.integers(0, 100, size=n).tolist()
+        blobs[split] = pickle.dumps(
+            {b"data": chw.reshape(n, 3072), b"fine_labels": labels,
+             b"coarse_labels": [label // 5 for label in labels], b"filenames": [b"x.png"] * n},
+            protocol=2,
+        )
+        expected[split] = (chw.transpose(0, 2, 3, 1), np.array(labels))
+    blobs["meta"] = pickle.dumps({b"fine_label_names": [n.encode() for n in CIFAR100_LABELS]})
+    if drop:
+        del blobs[drop]
+    if folder:
+        root = path / "cifar-100-python"
+        root.mkdir(parents=True)
+        for name, blob in blobs.items():
+            (root / name).write_bytes(blob)
+        return root, expected
+    with tarfile.open(path, "w:gz") as tar:
+        for name, blob in blobs.items():
+            info = tarfile.TarInfo(f"cifar-100-python/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return path, expected
+
+
+@pytest.fixture
+def make_cifar_archive():
+    """`make_cifar_archive(path, n_train=6, n_test=4, ...)`, see `write_cifar_archive`."""
+    return write_cifar_archive
+
+
+def all_layers(layer):
+    """`layer` and every layer it holds, at any depth, through public attributes."""
+    found = [layer]
+    children = layer.layers if isinstance(layer, keras.Model) else [
+        v for v in vars(layer).values() if isinstance(v, keras.layers.Layer)
+    ]
+    for child in children:
+        found.extend(all_layers(child))
+    return found
+
+
+@pytest.fixture
+def layers_of():
+    """`layers_of(model, cls)`: every layer of type `cls`, nested ones included."""
+    return lambda model, cls: [la for la in all_layers(model) if isinstance(la, cls)]
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory):
+    """A tiny NAM ResNet written by a real (short) train.py run."""
+    import train
+
+    root = tmp_path_factory.mktemp("trained")
+    args = ["--dataset", "synthetic", "--synthetic-size", "64", "16", "--depth", "18",
+            "--width", "4", "--batch-size", "16", "--epochs", "1", "--steps-per-epoch", "2",
+            "--val-freq", "0", "--precision", "float32", "--verbose", "0",
+            "--run-dir", str(root / "run"), "--output", str(root / "nam.keras")]
+    assert train.main(args) == 0
+    keras.mixed_precision.set_global_policy("float32")
+    return root / "nam.keras"

@@ -13,38 +13,6 @@ import tensorflow as tf
 from nam_keras import data
 
 
-def make_cifar_archive(path, n_train=6, n_test=4, seed=0, folder=False, drop=None):
-    """Writes CIFAR-100 in its real python format: pickles with b"data"
-    (N, 3072) uint8 in CHW order, b"fine_labels", b"coarse_labels"."""
-    rng = np.random.default_rng(seed)
-    expected = {}
-    blobs = {}
-    for split, n in (("train", n_train), ("test", n_test)):
-        chw = rng.integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)
-        labels = rng.integers(0, 100, size=n).tolist()
-        blobs[split] = pickle.dumps(
-            {b"data": chw.reshape(n, 3072), b"fine_labels": labels,
-             b"coarse_labels": [label // 5 for label in labels], b"filenames": [b"x.png"] * n},
-            protocol=2,
-        )
-        expected[split] = (chw.transpose(0, 2, 3, 1), np.array(labels))
-    blobs["meta"] = pickle.dumps({b"fine_label_names": [n.encode() for n in data.CIFAR100_LABELS]})
-    if drop:
-        del blobs[drop]
-    if folder:
-        root = path / "cifar-100-python"
-        root.mkdir(parents=True)
-        for name, blob in blobs.items():
-            (root / name).write_bytes(blob)
-        return root, expected
-    with tarfile.open(path, "w:gz") as tar:
-        for name, blob in blobs.items():
-            info = tarfile.TarInfo(f"cifar-100-python/{name}")
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-    return path, expected
-
-
 def _assert_matches(arrays, expected):
     for split in ("train", "test"):
         images, labels = arrays[split]
@@ -53,7 +21,7 @@ def _assert_matches(arrays, expected):
         np.testing.assert_array_equal(labels, expected[split][1])
 
 
-def test_archive_reader_decodes_chw_pixels(tmp_path):
+def test_archive_reader_decodes_chw_pixels(tmp_path, make_cifar_archive):
     path, expected = make_cifar_archive(tmp_path / "cifar-100-python.tar.gz")
     with pytest.warns(UserWarning, match="fewer than CIFAR-100's 50000; using it as a subset"):
         arrays = data.read_cifar100_python(path)
@@ -64,7 +32,7 @@ def test_archive_reader_decodes_chw_pixels(tmp_path):
     assert arrays["train"][0][0, 1, 2].tolist() == [flat[34], flat[1024 + 34], flat[2048 + 34]]
 
 
-def test_archive_in_a_folder_and_extracted_folder(tmp_path):
+def test_archive_in_a_folder_and_extracted_folder(tmp_path, make_cifar_archive):
     path, expected = make_cifar_archive(tmp_path / "cifar-100-python.tar.gz")
     with pytest.warns(UserWarning):
         _assert_matches(data.read_cifar100_python(tmp_path), expected)
@@ -75,7 +43,7 @@ def test_archive_in_a_folder_and_extracted_folder(tmp_path):
         _assert_matches(data.read_cifar100_python(folder.parent), expected)  # its parent
 
 
-def test_load_cifar100_from_archive_gives_datasets(tmp_path):
+def test_load_cifar100_from_archive_gives_datasets(tmp_path, make_cifar_archive):
     path, expected = make_cifar_archive(tmp_path / "c.tar.gz")
     with pytest.warns(UserWarning):
         train, test = data.load_cifar100(data_dir=str(path))
@@ -97,7 +65,7 @@ def test_load_cifar100_from_archive_gives_datasets(tmp_path):
         ("bad-shape", r"must be uint8 of shape \(N, 3072\)"),
     ],
 )
-def test_corrupt_archives_give_clear_errors(tmp_path, breakage, message):
+def test_corrupt_archives_give_clear_errors(tmp_path, make_cifar_archive, breakage, message):
     path = tmp_path / "cifar-100-python.tar.gz"
     if breakage == "no-test":
         make_cifar_archive(path, drop="test")

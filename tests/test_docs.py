@@ -5,10 +5,10 @@ import re
 
 import pytest
 
-from nam_keras import data, layers, resnet
+from nam_keras import attention, data, resnet
 
 
-@pytest.mark.parametrize("module", [layers, resnet, data], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [attention, resnet, data], ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0

@@ -60,14 +60,14 @@ def test_layer_names_are_readable_and_unique():
 def test_nam_is_after_last_bn_and_before_add():
     model = build_resnet(depth=50, width=8)
     nam = model.get_layer("stage3_block2_nam")
-    assert nam.input._keras_history.operation.name == "stage3_block2_bn3"
+    assert nam.input is model.get_layer("stage3_block2_bn3").output
     add = model.get_layer("stage3_block2_add")
     assert nam.output in list(add.input)
 
 
-def test_bn_settings_everywhere():
+def test_bn_settings_everywhere(layers_of):
     model = build_resnet(depth=18, width=8)
-    bns = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    bns = layers_of(model, keras.layers.BatchNormalization)
     assert len(bns) == 1 + 2 * 8 + 3 + 8  # stem, 2 per block, 3 projections, 8 NAM
     assert {(bn.epsilon, bn.momentum) for bn in bns} == {(1e-5, 0.9)}
     convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
@@ -155,9 +155,9 @@ def test_tiny_nam_resnet_learns():
     assert all(np.isfinite(history))
 
 
-def test_sync_bn_reaches_every_batch_normalization():
+def test_sync_bn_reaches_every_batch_normalization(layers_of):
     model = build_resnet(depth=18, width=8, sync_bn=True)
-    bns = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
-    assert bns and all(bn.synchronized for bn in bns)
-    assert not any(bn.synchronized for bn in build_resnet(depth=18, width=8)._flatten_layers()
-                   if isinstance(bn, keras.layers.BatchNormalization))
+    bns = layers_of(model, keras.layers.BatchNormalization)
+    assert len(bns) == 1 + 2 * 8 + 3 + 8 and all(bn.synchronized for bn in bns)
+    plain = layers_of(build_resnet(depth=18, width=8), keras.layers.BatchNormalization)
+    assert not any(bn.synchronized for bn in plain)

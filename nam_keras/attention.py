@@ -1,17 +1,71 @@
-"""The Normalization-based Attention Module (NAM) as a Keras 3 layer."""
+"""Attention modules for the ResNet blocks, and the registry that names them.
+
+`NAMAttention` is the Normalization-based Attention Module. Every attention
+layer is registered under a short name (`"nam"`, ...) with
+`register_attention`; `build_resnet(attention=NAME)` and
+`train.py --attention NAME` look it up there, so no module is special.
+"""
 
 import keras
 from keras import ops
 
-#: BatchNormalization settings of the Paddle/PyTorch reference (Keras' own
-#: defaults, 1e-3 and 0.99, give a different model).
-BN_EPSILON = 1e-5
-BN_MOMENTUM = 0.9
+from nam_keras.normalization import BN_EPSILON, BN_MOMENTUM, batch_normalization
 
 # Guard for sum |gamma| = 0: then every |gamma_c| is 0 too and the weights are 0.
 _TINY = 1e-12
 
+#: name -> attention layer class; fill it with `register_attention`.
+ATTENTIONS = {}
 
+
+def register_attention(name):
+    """Class decorator: makes an attention layer available under `name`.
+
+    A registered class is constructed as `cls(name=..., dtype=...,
+    synchronized=..., **kwargs)` (timm's `create_attn` contract): it infers
+    its number of channels from its input, and `synchronized` asks its
+    BatchNormalization layers, if any, for cross-replica statistics.
+
+    Args:
+        name: the registry key, e.g. `"nam"`.
+
+    Returns:
+        The decorator, which returns the class unchanged.
+    """
+
+    def decorator(cls):
+        if name in ATTENTIONS and ATTENTIONS[name] is not cls:
+            raise ValueError(f"attention {name!r} is already registered to {ATTENTIONS[name]!r}.")
+        ATTENTIONS[name] = cls
+        return cls
+
+    return decorator
+
+
+def get_attention(name):
+    """The attention layer class registered as `name` (`ValueError` if none)."""
+    if name not in ATTENTIONS:
+        raise ValueError(f"Unknown attention {name!r}; expected one of {sorted(ATTENTIONS)}.")
+    return ATTENTIONS[name]
+
+
+def create_attention(kind, name, dtype=None, synchronized=False, **kwargs):
+    """One attention layer of the registered `kind`, named `name`.
+
+    Args:
+        kind: a registry key, e.g. `"nam"`.
+        name: the layer name.
+        dtype: dtype policy; `None` uses the global policy.
+        synchronized: cross-replica BN statistics (see `register_attention`).
+        **kwargs: the attention class' own arguments, e.g. `spatial=True`.
+
+    Returns:
+        An unbuilt layer.
+    """
+    return get_attention(kind)(name=name, dtype=dtype, synchronized=synchronized, **kwargs)
+
+
+@register_attention("nam")
 @keras.saving.register_keras_serializable(package="nam_keras")
 class NAMAttention(keras.layers.Layer):
     """Normalization-based attention (Liu et al., 2021, arXiv 2111.12419).
@@ -47,6 +101,14 @@ class NAMAttention(keras.layers.Layer):
         synchronized: compute the BN batch statistics over all replicas of a
             `tf.distribute` strategy (TensorFlow backend). Defaults to `False`.
         **kwargs: base layer arguments (`name`, `dtype`, `trainable`, ...).
+
+    Call arguments:
+        inputs: a feature map of shape `(batch, height, width, channels)`.
+        training: Python boolean; `True` normalises with the batch statistics
+            and updates the moving ones, `False` uses the moving statistics.
+
+    Returns:
+        The gated feature map, same shape, in the layer's compute dtype.
 
     Example:
 
@@ -98,13 +160,13 @@ class NAMAttention(keras.layers.Layer):
         self.synchronized = bool(synchronized)
 
         def bn(name, axis):
-            return keras.layers.BatchNormalization(
+            return batch_normalization(
+                name,
                 axis=axis,
-                epsilon=self.epsilon,
-                momentum=self.momentum,
                 synchronized=self.synchronized,
                 dtype=self.dtype_policy,
-                name=name,
+                epsilon=self.epsilon,
+                momentum=self.momentum,
             )
 
         # Channel BN normalises axis -1 of (N, H, W, C); pixel BN normalises
@@ -157,13 +219,15 @@ class NAMAttention(keras.layers.Layer):
         return out
 
     def _gate(self, x, bn, training):
+        """`sigmoid(w * bn(x)) * x` with `w` along `bn`'s feature axis."""
         y = bn(x, training=training)
         w = self._weights_from(bn.gamma)
         if self.stop_gradient:
             w = ops.stop_gradient(w)
         w = ops.cast(w, self.compute_dtype)
-        if bn is self.spatial_bn:
-            w = ops.expand_dims(w, -1)  # (H*W, 1) against (N, H*W, C)
+        rank = len(x.shape)
+        if bn.axis % rank != rank - 1:
+            w = ops.expand_dims(w, -1)  # pixel BN: (H*W, 1) against (N, H*W, C)
         return ops.sigmoid(w * y) * x
 
     def call(self, inputs, training=None):

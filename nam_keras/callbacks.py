@@ -1,0 +1,93 @@
+"""Training callbacks: the warmup-cosine learning rate and the stop on a NaN loss."""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from nam_keras.errors import NonFiniteLossError
+
+
+def warmup_cosine(step, base_lr, warmup_steps, total_steps):
+    """Learning rate at optimizer step `step` (0-based).
+
+    Linear warmup from 0 over `warmup_steps` steps, then cosine decay from
+    `base_lr` to exactly 0 at the last step (`total_steps - 1`).
+    """
+    step = min(max(int(step), 0), total_steps - 1)
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    decay_steps = total_steps - 1 - warmup_steps
+    if decay_steps <= 0:
+        return 0.0
+    progress = (step - warmup_steps) / decay_steps
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * progress))
+
+
+@keras.saving.register_keras_serializable(package="nam_keras")
+class WarmupCosine(keras.callbacks.Callback):
+    """Sets the optimizer's learning rate before every training step.
+
+    The rate is computed from the optimizer's own iteration count, so it is
+    exact after `BackupAndRestore` (or any reload of the optimizer state)
+    resumes a run. The value is added to the epoch logs as `lr`, so that
+    `History`, `CSVLogger` and `TensorBoard` placed after this callback record it.
+
+    Args:
+        base_lr: peak learning rate, reached at the end of the warmup.
+        total_steps: number of optimizer steps of the whole run.
+        warmup_steps: length of the linear warmup from 0. Defaults to 2000.
+    """
+
+    def __init__(self, base_lr, total_steps, warmup_steps=2000):
+        super().__init__()
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1; received {total_steps}.")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0; received {warmup_steps}.")
+        if base_lr < 0:
+            raise ValueError(f"base_lr must be >= 0; received {base_lr}.")
+        self.base_lr = float(base_lr)
+        self.total_steps = int(total_steps)
+        self.warmup_steps = int(warmup_steps)
+
+    def lr_at(self, step):
+        return warmup_cosine(step, self.base_lr, self.warmup_steps, self.total_steps)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        step = int(ops.convert_to_numpy(self.model.optimizer.iterations))
+        self.model.optimizer.learning_rate = self.lr_at(step)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["lr"] = float(ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+    def get_config(self):
+        return {"base_lr": self.base_lr, "total_steps": self.total_steps,
+                "warmup_steps": self.warmup_steps}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Raises `NonFiniteLossError` as soon as the loss is not finite.
+
+    Unlike `keras.callbacks.TerminateOnNaN`, which lets the epoch end (so a
+    `BackupAndRestore` placed after it saves the broken weights), raising ends
+    `fit` at once: the last good backup stays on disk.
+    """
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(float(loss)):
+            raise NonFiniteLossError(
+                f"the training loss became {float(loss)} at step {batch} of epoch "
+                f"{self._epoch + 1}; training stopped. The last completed epoch "
+                "is kept in the run directory's backup."
+            )
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch

@@ -1,0 +1,113 @@
+"""What the command lines share: parsers derived from the settings tables,
+console messages, and the mapping from errors to exit codes.
+
+`train.py`, `evaluate.py` and the benchmarks stay thin: they parse with
+`parse_config`, call the library, and report with `run_main`.
+"""
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+from nam_keras.config import flag
+from nam_keras.errors import ConfigError, DataError, ModelError, NonFiniteLossError
+
+#: error class -> exit code; anything else is a bug and keeps its traceback.
+EXIT_CODES = {ConfigError: 2, DataError: 2, ModelError: 2, NonFiniteLossError: 1}
+
+LOGGER_NAME = "nam_keras"
+
+
+def _argparse_type(check):
+    """A validator as an argparse `type` (argparse shows its message)."""
+
+    def convert(text):
+        try:
+            return check(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    convert.__name__ = check.__name__
+    return convert
+
+
+def _add_field(parser, groups, field):
+    meta = field.metadata
+    group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+    if meta.get("positional"):
+        group.add_argument(field.name, help=meta["help"])
+        return
+    if meta.get("flags"):  # mutually exclusive flags that each set one value
+        exclusive = group.add_mutually_exclusive_group()
+        for option, (value, text) in meta["flags"].items():
+            exclusive.add_argument(option, dest=field.name, action="store_const", const=value,
+                                   help=text)
+        parser.set_defaults(**{field.name: field.default})
+        return
+    kwargs = {"default": field.default, "help": meta["help"], "dest": field.name}
+    action = meta.get("action")
+    if action == "boolean_optional":
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif action:
+        kwargs["action"] = action
+    else:
+        if meta.get("type"):
+            kwargs["type"] = _argparse_type(meta["type"])
+        for key in ("choices", "nargs", "metavar"):
+            if meta.get(key) is not None:
+                kwargs[key] = meta[key]
+    group.add_argument(flag(field), **kwargs)
+
+
+def build_parser(config_class, prog, description):
+    """An `argparse.ArgumentParser` with one option per field of `config_class`."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    groups = {}
+    for field in dataclasses.fields(config_class):
+        _add_field(parser, groups, field)
+    return parser
+
+
+def parse_config(config_class, argv, prog, description):
+    """Parses `argv` into a `config_class`; bad flags exit 2 with argparse's message."""
+    parser = build_parser(config_class, prog, description)
+    namespace = parser.parse_args(argv)
+    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(config_class)}
+    if isinstance(values.get("synthetic_size"), list):
+        values["synthetic_size"] = tuple(values["synthetic_size"])
+    try:
+        return config_class(**values)
+    except ConfigError as err:
+        parser.error(str(err))
+
+
+class _ConsoleHandler(logging.Handler):
+    """Prints `[nam-keras] message` to whatever `sys.stdout` is at the time."""
+
+    def emit(self, record):
+        print(f"[nam-keras] {self.format(record)}", flush=True)
+
+
+def setup_console():
+    """Library progress messages (`logging`, logger "nam_keras") go to stdout;
+    only the command lines call this."""
+    logger = logging.getLogger(LOGGER_NAME)
+    if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
+        logger.addHandler(_ConsoleHandler())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def run_main(prog, function, *args):
+    """Calls `function(*args)`; a known error becomes `prog: error: ...` on
+    stderr and its exit code. Returns the exit code (0 on success)."""
+    setup_console()
+    try:
+        function(*args)
+    except tuple(EXIT_CODES) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return next(code for cls, code in EXIT_CODES.items() if isinstance(err, cls))
+    return 0

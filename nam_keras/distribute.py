@@ -1,0 +1,116 @@
+"""Device choices: precision policy, XLA, and the `tf.distribute` strategy."""
+
+import json
+import os
+
+
+def _cpu_supports_bf16():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision, gpus):
+    """The Keras dtype policy for `--precision`.
+
+    `auto` -> mixed_bfloat16 on Ampere or newer GPUs, mixed_float16 on older
+    GPUs; on CPUs mixed_bfloat16 where the CPU has bf16 instructions, else
+    float32 (the README's performance table has the figures).
+
+    Args:
+        precision: `"auto"` or a Keras dtype policy name.
+        gpus: the visible GPUs (`tf.config.list_physical_devices("GPU")`).
+
+    Returns:
+        A dtype policy name.
+    """
+    if precision != "auto":
+        return precision
+    if gpus:
+        import tensorflow as tf
+
+        details = tf.config.experimental.get_device_details(gpus[0])
+        major = (details.get("compute_capability") or (0, 0))[0]
+        return "mixed_bfloat16" if major >= 8 else "mixed_float16"
+    return "mixed_bfloat16" if _cpu_supports_bf16() else "float32"
+
+
+def resolve_jit(jit_compile, gpus):
+    """`auto` -> XLA on GPUs; off on CPUs (XLA made CPU training 1.5-3.5x
+    slower, README performance table). Returns a bool."""
+    if jit_compile == "auto":
+        return bool(gpus)
+    return jit_compile == "on"
+
+
+def _patch_multi_worker_reduce(strategy):
+    """Makes `keras.Model.fit` (Keras 3.15) work under MultiWorkerMirroredStrategy.
+
+    Two Keras calls of `strategy.reduce` fail with this strategy (TensorFlow
+    issue 72388): `fit` reduces the first (images, labels) batch, a nested
+    structure, to build the model ("Attempt to convert a value
+    (PerReplica...)"), and every step reduces the scalar metric values with
+    `axis=0` ("Invalid reduction dimension 0 for input with 0 dimensions").
+    This reduces nested structures leaf by leaf and scalars across replicas
+    only; everything else goes through unchanged.
+    """
+    import tensorflow as tf
+
+    reduce = strategy.reduce
+
+    def leaf(reduce_op, value, axis):
+        if axis is not None:
+            local = strategy.experimental_local_results(value)
+            if local and getattr(local[0], "shape", None) is not None and local[0].shape.rank == 0:
+                axis = None
+        return reduce(reduce_op, value, axis)
+
+    def patched(reduce_op, value, axis=None):
+        return tf.nest.map_structure(lambda v: leaf(reduce_op, v, axis), value)
+
+    strategy.reduce = patched
+    return strategy
+
+
+def make_strategy(cpu_replicas=0):
+    """The `tf.distribute` strategy for this process.
+
+    `TF_CONFIG` naming more than one worker -> `MultiWorkerMirroredStrategy`;
+    several GPUs -> `MirroredStrategy`; `cpu_replicas` > 1 splits the CPU into
+    that many logical devices and mirrors over them (tests the multi-device
+    path without GPUs); otherwise the default one-device strategy.
+    """
+    import tensorflow as tf
+
+    tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    workers = tf_config.get("cluster", {}).get("worker", [])
+    if len(workers) + len(tf_config.get("cluster", {}).get("chief", [])) > 1:
+        return _patch_multi_worker_reduce(tf.distribute.MultiWorkerMirroredStrategy())
+    if cpu_replicas > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_replicas
+        )
+        devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices)
+    if len(tf.config.list_physical_devices("GPU")) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def strategy_name(strategy):
+    """A readable name: "one device", "MirroredStrategy", ..."""
+    name = type(strategy).__name__
+    if name.startswith("_Default"):
+        return "one device"
+    return {"CollectiveAllReduceStrategy": "MultiWorkerMirroredStrategy"}.get(name, name)
+
+
+def device_summary(gpus):
+    """`"2 GPU(s)"` or `"CPU (N cores)"`."""
+    if gpus:
+        return f"{len(gpus)} GPU(s)"
+    return f"CPU ({os.cpu_count()} cores)"

@@ -1,0 +1,63 @@
+"""Export for TF Serving: a versioned SavedModel taking raw uint8 images."""
+
+import os
+import shutil
+import tempfile
+
+import keras
+
+from nam_keras.data import IMAGE_SHAPE
+from nam_keras.errors import ModelError
+
+
+def next_version(export_dir):
+    """The next free integer version under `export_dir` (1 when empty)."""
+    versions = [int(n) for n in os.listdir(export_dir) if n.isdigit()] if os.path.isdir(export_dir) else []
+    return max(versions, default=0) + 1
+
+
+def export_saved_model(model, export_dir, verbose=False):
+    """Writes a TF Serving SavedModel as `export_dir/<next version>/`.
+
+    Signature `serving_default`: input `images` uint8 (None, 32, 32, 3) raw
+    pixels; outputs `probabilities` float32 (None, num_classes) and
+    `top5_classes` int32 (None, 5). The version is written to a temporary
+    folder and renamed, so TF Serving never sees half a model and no existing
+    version is overwritten. Returns the version's path.
+    """
+    import tensorflow as tf
+
+    export_dir = os.fspath(export_dir)
+    if os.path.exists(export_dir) and not os.path.isdir(export_dir):
+        raise ModelError(f"export path {export_dir} is a file; expected a folder (its versions go in it).")
+    os.makedirs(export_dir, exist_ok=True)
+    k = min(5, int(model.output_shape[-1]))
+
+    def serve(images):
+        # A loaded signature does not check the shape itself: refuse clearly.
+        images = tf.ensure_shape(images, (None, *IMAGE_SHAPE), name="images_must_be_Nx32x32x3")
+        logits = model(tf.cast(images, tf.float32), training=False)
+        probabilities = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
+        top = tf.math.top_k(probabilities, k=k).indices
+        return {"probabilities": probabilities, "top5_classes": tf.cast(top, tf.int32)}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        "serving_default", serve,
+        input_signature=[tf.TensorSpec((None, *IMAGE_SHAPE), tf.uint8, name="images")],
+    )
+    tmp = tempfile.mkdtemp(dir=export_dir, prefix=".tmp-export-")
+    try:
+        archive.write_out(tmp, verbose=verbose)
+        while True:  # another exporter may take a number meanwhile: never overwrite
+            final = os.path.join(export_dir, str(next_version(export_dir)))
+            try:
+                os.rename(tmp, final)
+                return final
+            except OSError:
+                if not os.path.exists(final):
+                    raise
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)

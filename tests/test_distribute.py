@@ -1,0 +1,73 @@
+"""Precision/XLA choices and the tf.distribute strategies (two logical CPUs, two workers)."""
+
+import json
+import socket
+
+import keras
+import numpy as np
+import pytest
+
+import nam_keras
+from nam_keras import distribute
+
+
+@pytest.mark.parametrize(
+    "precision, cpu_bf16, want",
+    [("auto", True, "mixed_bfloat16"), ("auto", False, "float32"),
+     ("float32", True, "float32"), ("mixed_float16", False, "mixed_float16")],
+)
+def test_resolve_precision_on_cpus(monkeypatch, precision, cpu_bf16, want):
+    monkeypatch.setattr(distribute, "_cpu_supports_bf16", lambda: cpu_bf16)
+    assert distribute.resolve_precision(precision, gpus=[]) == want
+
+
+def test_resolve_jit():
+    assert distribute.resolve_jit("auto", gpus=[]) is False
+    assert distribute.resolve_jit("auto", gpus=["GPU:0"]) is True
+    assert distribute.resolve_jit("on", gpus=[]) is True
+    assert distribute.resolve_jit("off", gpus=["GPU:0"]) is False
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_on_two_logical_cpus(tmp_path, tiny_args, run_script):
+    proc = run_script("train.py", tiny_args("--epochs", "1", "--steps-per-epoch", "2",
+                                          "--cpu-replicas", "2"))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "strategy MirroredStrategy with 2 replica(s)" in out and "synchronised BN" in out
+    assert "global batch 8 (4 per replica)" in out
+    keras.models.load_model(tmp_path / "run.keras")
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.mark.slow
+def test_multi_worker_mirrored_two_processes(tmp_path, tiny_args, run_script):
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    for i in range(2):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
+        procs.append(run_script(
+            "train.py", tiny_args("--epochs", "1", "--steps-per-epoch", "3", "--val-freq", "0",
+                      name=f"worker{i}"),
+            env={"TF_CONFIG": tf_config},
+        ))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out
+        assert "strategy MultiWorkerMirroredStrategy with 2 replica(s)" in out
+    # trainable weights, optimizer state and (synchronised) BN statistics alike
+    w0, w1 = (keras.models.load_model(tmp_path / f"worker{i}.keras").get_weights() for i in range(2))
+    initial = nam_keras.build_resnet(depth=18, width=4)  # weights moved away from any init
+    assert len(w0) == len(w1) == len(initial.get_weights())
+    for a, b in zip(w0, w1):
+        np.testing.assert_array_equal(a, b)

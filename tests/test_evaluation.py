@@ -1,0 +1,48 @@
+"""The accuracy report and the NAM report, against hand computations."""
+
+import numpy as np
+import pytest
+
+import nam_keras
+from nam_keras import evaluation
+
+
+def test_accuracy_report_by_hand():
+    logits = np.array([[5, 4, 3, 2, 1, 0, 0], [0, 1, 2, 3, 4, 5, 6], [1, 0, 0, 0, 0, 0, 0]], float)
+    logits = np.pad(logits, ((0, 0), (0, 93)), constant_values=-10)
+    labels = np.array([0, 1, 99])
+    r = evaluation.accuracy_report(logits, labels)
+    assert r["top1"] == pytest.approx(1 / 3)  # only the first
+    assert r["top5"] == pytest.approx(1 / 3)  # label 1 is 6th of row 2; 99 is last of row 3
+    p0 = np.exp(logits[0]) / np.exp(logits[0]).sum()
+    p1 = np.exp(logits[1]) / np.exp(logits[1]).sum()
+    p2 = np.exp(logits[2]) / np.exp(logits[2]).sum()
+    assert r["loss"] == pytest.approx(-(np.log(p0[0]) + np.log(p1[1]) + np.log(p2[99])) / 3)
+    assert r["per_class_accuracy"] == {"apple": 1.0, "aquarium_fish": 0.0, "worm": 0.0}
+    assert [w["class"] for w in r["worst_classes"]] == ["aquarium_fish", "worm", "apple"]
+
+
+def test_nam_report_weights_are_gamma_over_sum(rng):
+    model = nam_keras.build_resnet(depth=18, width=8)
+    for layer in nam_keras.nam_layers(model):
+        n = layer.channel_bn.gamma.shape[0]
+        layer.channel_bn.gamma.assign(rng.normal(size=n).astype("float32"))
+    report = evaluation.nam_report(model, near_zero=0.5)
+    below = total = 0
+    for layer, entry in zip(nam_keras.nam_layers(model), report["layers"]):
+        g = np.abs(layer.channel_bn.gamma.numpy().astype(np.float64))
+        np.testing.assert_allclose(entry["channel"]["weights"], g / g.sum(), rtol=1e-6)
+        expected = int((g / g.sum() < 0.5 / g.size).sum())
+        assert entry["channel"]["near_zero"] == expected
+        below, total = below + expected, total + g.size
+    assert report["near_zero_fraction"] == pytest.approx(below / total)
+    assert 0 < below < total
+
+
+def test_console_lines_of_the_reports():
+    test = {"examples": 3, "loss": 1.25, "top1": 0.5, "top5": 0.75,
+            "worst_classes": [{"class": "worm", "accuracy": 0.0}]}
+    assert evaluation.accuracy_lines("m", test) == [
+        "m on 3 test images: loss 1.2500, top-1 50.00%, top-5 75.00%", "worst classes: worm 0%"]
+    assert evaluation.nam_lines(None, 0.1) == [
+        "NAM report: the model has no NAM layers (a baseline); nothing to report."]

@@ -1,0 +1,73 @@
+"""The TF Serving SavedModel: signature, predictions equal to Keras, versions."""
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import evaluate
+from nam_keras import export
+
+SAVED_MODEL_CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+
+
+@pytest.fixture(scope="module")
+def exported(trained_model, tmp_path_factory):
+    export_dir = tmp_path_factory.mktemp("export") / "nam"
+    assert evaluate.main([str(trained_model), "--skip-eval", "--export", str(export_dir)]) == 0
+    return export_dir
+
+
+def _images(n=4, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+
+
+def _keras_probabilities(path, images):
+    model = keras.models.load_model(path)
+    return keras.ops.convert_to_numpy(keras.ops.softmax(model(images.astype("float32"), training=False)))
+
+
+def test_saved_model_cli_shows_the_signature(exported):
+    out = subprocess.run([SAVED_MODEL_CLI, "show", "--dir", str(exported / "1"), "--all"],
+                         check=True, capture_output=True, text=True).stdout
+    sig = out[out.index("signature_def['serving_default']"):]
+    assert "inputs['images'] tensor_info:\n        dtype: DT_UINT8\n        shape: (-1, 32, 32, 3)" in sig
+    assert "outputs['probabilities'] tensor_info:\n        dtype: DT_FLOAT\n        shape: (-1, 100)" in sig
+    assert "outputs['top5_classes'] tensor_info:\n        dtype: DT_INT32\n        shape: (-1, 5)" in sig
+
+
+def test_saved_model_predictions_equal_keras(trained_model, exported, tmp_path):
+    images = _images()
+    want = _keras_probabilities(trained_model, images)
+    np.save(tmp_path / "images.npy", images)
+    subprocess.run([SAVED_MODEL_CLI, "run", "--dir", str(exported / "1"), "--tag_set", "serve",
+                    "--signature_def", "serving_default", "--inputs", f"images={tmp_path / 'images.npy'}",
+                    "--outdir", str(tmp_path / "out")], check=True, capture_output=True)
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "probabilities.npy"), want, rtol=1e-4, atol=1e-6)
+    top5 = np.load(tmp_path / "out" / "top5_classes.npy")
+    np.testing.assert_array_equal(top5, np.argsort(-want, axis=1)[:, :5])
+
+    loaded = tf.saved_model.load(str(exported / "1"))
+    out = loaded.signatures["serving_default"](images=tf.constant(images))
+    np.testing.assert_allclose(out["probabilities"].numpy(), want, rtol=1e-4, atol=1e-6)
+    assert out["top5_classes"].dtype == tf.int32
+
+
+def test_wrong_images_are_rejected_by_the_signature(exported):
+    serve = tf.saved_model.load(str(exported / "1")).signatures["serving_default"]
+    errors = (TypeError, ValueError, tf.errors.InvalidArgumentError)
+    with pytest.raises(errors, match="expected to be a uint8 tensor but is a float tensor"):
+        serve(images=tf.constant(_images().astype("float32")))
+    with pytest.raises(errors, match=r"Shape of tensor .* \[2,28,28,3\] is not compatible with expected shape \[\?,32,32,3\]"):
+        serve(images=tf.zeros((2, 28, 28, 3), tf.uint8))
+
+
+def test_second_export_creates_version_2(trained_model, exported):
+    assert export.next_version(exported) == 2
+    path = export.export_saved_model(keras.models.load_model(trained_model), exported)
+    assert path == os.path.join(str(exported), "2")
+    assert sorted(os.listdir(exported)) == ["1", "2"]  # no temporary folder left behind

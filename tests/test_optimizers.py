@@ -1,0 +1,26 @@
+"""TorchSGD: PyTorch's SGD with momentum and coupled weight decay."""
+
+import keras
+import numpy as np
+import pytest
+
+from nam_keras.optimizers import TorchSGD
+
+
+def test_torch_sgd_matches_the_pytorch_update_by_hand():
+    w0 = np.array([1.0, -2.0], "float32")
+    var = keras.Variable(w0)
+    opt = TorchSGD(learning_rate=0.1, momentum=0.9, l2=0.01)
+    g1, g2 = np.array([0.5, 0.25], "float32"), np.array([-0.3, 0.1], "float32")
+    opt.apply([g1], [var])
+    buf = g1 + 0.01 * w0
+    w1 = w0 - 0.1 * buf
+    np.testing.assert_allclose(var.numpy(), w1, rtol=1e-6)
+    opt.learning_rate = 0.05  # a changed LR applies to the whole buffer (PyTorch), not just g
+    opt.apply([g2], [var])
+    buf = 0.9 * buf + g2 + 0.01 * w1
+    np.testing.assert_allclose(var.numpy(), w1 - 0.05 * buf, rtol=1e-6)
+    config = opt.get_config()
+    assert config["l2"] == 0.01 and config["momentum"] == 0.9
+    with pytest.raises(ValueError, match="through `l2=`"):
+        TorchSGD(weight_decay=5e-4)

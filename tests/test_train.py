@@ -1,0 +1,164 @@
+"""train.py end to end: outputs, resume, exit codes and messages for bad input."""
+
+import csv
+import json
+import os
+import signal
+import time
+
+import keras
+import numpy as np
+import pytest
+
+import nam_keras
+import train
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_train_main_end_to_end(tmp_path, tiny_args, run_script):
+    assert train.main(tiny_args("--epochs", "2", "--steps-per-epoch", "2")) == 0
+    model = keras.models.load_model(tmp_path / "run.keras")
+    assert model.name == "resnet18_nam" and len(nam_keras.nam_layers(model)) == 8
+    probs = keras.ops.softmax(model.predict(np.zeros((3, 32, 32, 3), "uint8"), verbose=0))
+    assert probs.shape == (3, 100)
+    rows = read_csv(tmp_path / "run" / "log.csv")
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    # lr logged after the last step of each epoch (steps 1 and 3), peak 0.1 * 8 / 128
+    peak = 0.1 * 8 / 128
+    assert float(rows[0]["lr"]) == pytest.approx(peak * 1 / 2000, rel=1e-5)
+    assert float(rows[1]["lr"]) == pytest.approx(peak * 3 / 2000, rel=1e-5)
+    assert {"loss", "top1", "top5", "val_loss", "val_top1", "val_top5"} <= set(rows[0])
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["precision"] == "float32" and config["total_steps"] == 4
+    assert config["peak_lr"] == pytest.approx(peak)
+    assert os.listdir(tmp_path / "run" / "tensorboard")
+    assert not (tmp_path / "run" / "backup").exists()  # removed once the model is saved
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+
+
+@pytest.mark.slow
+def test_baseline_and_mixup(tmp_path, tiny_args, run_script):
+    args = tiny_args("--baseline", "--epochs", "1", "--steps-per-epoch", "1", "--mixup",
+                     "0.2", "--cutmix", "1.0", "--val-freq", "0")
+    assert train.main(args) == 0
+    model = keras.models.load_model(tmp_path / "run.keras")
+    assert model.name == "resnet18_plain" and not nam_keras.nam_layers(model)
+
+
+@pytest.mark.slow
+def test_kill_and_resume(tmp_path, tiny_args, run_script):
+    """SIGKILL after the first epoch; the same command then runs only the rest."""
+    args = tiny_args("--epochs", "3", "--steps-per-epoch", "12", "--val-freq", "0")
+    metadata = tmp_path / "run" / "backup" / "training_metadata.json"
+    proc = run_script("train.py", args)
+    deadline = time.monotonic() + 120
+    while not metadata.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    done = json.loads(metadata.read_text())["epoch"]
+    assert 1 <= done < 3
+    assert not (tmp_path / "run.keras").exists()
+
+    proc = run_script("train.py", args)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert f"resuming from the backup in {tmp_path / 'run' / 'backup'}: {done} of 3 epochs done" in out
+    ran = [line for line in out.splitlines() if line.startswith("Epoch ")]
+    assert ran == [f"Epoch {e}/3" for e in range(done + 1, 4)]  # only the remaining epochs
+    assert [r["epoch"] for r in read_csv(tmp_path / "run" / "log.csv")] == ["0", "1", "2"]
+    model = keras.models.load_model(tmp_path / "run.keras")
+    assert int(model.optimizer.iterations) == 36  # 3 epochs x 12 steps, as uninterrupted
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["--epochs", "0"], "--epochs: expected a positive integer, received 0"),
+        (["--nam", "--baseline"], "--baseline: not allowed with argument --nam"),
+        (["--batch-size", "-3"], "--batch-size: expected a positive integer"),
+        (["--sparsity", "-1"], "--sparsity: expected a number >= 0"),
+        (["--depth", "20"], "--depth: invalid choice: 20"),
+    ],
+)
+def test_bad_flags_exit_2_with_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unwritable_output(tmp_path, tiny_args, capsys):
+    args = tiny_args("--epochs", "1")
+    args[args.index("--output") + 1] = str(tmp_path / "missing" / "m.keras")
+    assert train.main(args) == 2
+    assert "does not exist" in capsys.readouterr().err
+    args[args.index("--output") + 1] = str(tmp_path)
+    assert train.main(args) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_batch_not_divisible_by_replicas(tmp_path, tiny_args, run_script):
+    proc = run_script("train.py", tiny_args("--epochs", "1", "--cpu-replicas", "2")
+                                + ["--batch-size", "7"])
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "--batch-size 7 (the global batch) is not divisible by the 2 replicas" in out
+
+
+def test_nan_loss_stops_and_keeps_last_good_backup(tmp_path, tiny_args, capsys):
+    # step 0 runs at LR 0 (warmup), step 1 at 1e30: the weights blow up and
+    # the loss of step 2 (epoch 3) is NaN.
+    args = tiny_args("--epochs", "4", "--steps-per-epoch", "1", "--lr", "1e30",
+                     "--lr-scaling", "none", "--warmup-steps", "1", "--val-freq", "0")
+    assert train.main(args) == 1
+    err = capsys.readouterr().err
+    assert "the training loss became nan" in err and "epoch 3" in err
+    backup = tmp_path / "run" / "backup"
+    assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 2
+    assert (backup / "latest.weights.h5").exists()
+    assert not (tmp_path / "run.keras").exists()
+
+
+def test_resume_refuses_a_different_run(tmp_path, tiny_args, capsys):
+    args = tiny_args("--epochs", "4", "--steps-per-epoch", "1", "--lr", "1e30",
+                     "--lr-scaling", "none", "--warmup-steps", "1", "--val-freq", "0")
+    assert train.main(args) == 1  # leaves a backup behind
+    capsys.readouterr()
+    assert train.main(args + ["--baseline"]) == 2
+    assert "holds a backup of a different run" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_on_a_local_archive(tmp_path, tiny_args, make_cifar_archive, capsys):
+    """The real archive path end to end: --data-dir with a CIFAR-100 python archive."""
+    import evaluate
+
+    archive, _ = make_cifar_archive(tmp_path / "cifar-100-python.tar.gz", n_train=32, n_test=20)
+    args = [a for a in tiny_args("--epochs", "1", "--steps-per-epoch", "2")]
+    args[args.index("synthetic")] = "cifar100"
+    with pytest.warns(UserWarning, match="subset"):
+        assert train.main(args + ["--data-dir", str(archive)]) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["train_examples"] == 32 and config["data_dir"] == str(archive)
+    with pytest.warns(UserWarning, match="subset"):
+        assert evaluate.main([str(tmp_path / "run.keras"), "--data-dir", str(archive),
+                              "--json", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["test"]["examples"] == 20
+
+
+def test_batch_larger_than_the_training_split(tmp_path, tiny_args, capsys):
+    args = tiny_args("--epochs", "1")
+    args[args.index("--synthetic-size") + 1] = "4"
+    assert train.main(args) == 2
+    assert "batch_size 8 is larger than the 4 training examples" in capsys.readouterr().err
