@@ -1,8 +1,8 @@
 """Evaluate a trained model on the CIFAR-100 test set, report on NAM, export for TF Serving.
 
-    python evaluate.py nam.keras                        # loss, top-1/top-5, worst classes, NAM report
-    python evaluate.py nam.keras --json report.json --plots plots/
-    python evaluate.py nam.keras --export export/nam    # SavedModel in export/nam/<next version>/
+python evaluate.py nam.keras                        # loss, top-1/top-5, worst classes, NAM report
+python evaluate.py nam.keras --json report.json --plots plots/
+python evaluate.py nam.keras --export export/nam    # SavedModel in export/nam/<next version>/
 """
 
 import json
@@ -11,8 +11,8 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from nam_keras import cli  # noqa: E402
-from nam_keras.config import EvalConfig  # noqa: E402
+from nam_keras import cli
+from nam_keras.config import EvalConfig
 
 PROG = "evaluate.py"
 
@@ -35,8 +35,10 @@ def run(config):
         print(f"NAM plot -> {evaluation.plot_nam_report(report['nam'], path)}")
     if config.export:
         report["export"] = export.export_saved_model(model, config.export)
-        print(f"SavedModel for TF Serving -> {report['export']} (signature serving_default: "
-              "images uint8 (N, 32, 32, 3) -> probabilities, top5_classes)")
+        print(
+            f"SavedModel for TF Serving -> {report['export']} (signature serving_default: "
+            "images uint8 (N, 32, 32, 3) -> probabilities, top5_classes)"
+        )
     if config.json:
         atomic_write_text(config.json, json.dumps(report, indent=2) + "\n")
         print(f"report -> {config.json}")

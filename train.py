@@ -13,8 +13,8 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from nam_keras import cli  # noqa: E402
-from nam_keras.config import TrainConfig  # noqa: E402
+from nam_keras import cli
+from nam_keras.config import TrainConfig
 
 PROG = "train.py"
 

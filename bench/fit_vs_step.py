@@ -10,34 +10,26 @@ prefetching) over synthetic CIFAR-shaped data, which takes the same path as
 the real data. The pipeline's cost is 1 - fit / bare images/s.
 """
 
-import argparse
 import time
 
-import common
+import harness
 import tensorflow as tf
 
 from nam_keras import data
-from nam_keras.training import resolve_jit, resolve_precision
+from nam_keras.distribute import resolve_jit, resolve_precision
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--depth", type=int, default=50)
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--json")
-    args = p.parse_args(argv)
+    args = harness.add_model_arguments(harness.parser(__doc__, steps=10, warmup=2)).parse_args(argv)
 
     gpus = tf.config.list_physical_devices("GPU")
     precision, xla = resolve_precision("auto", gpus), resolve_jit("auto", gpus)
-    model = common.compiled_resnet(args.depth, args.width, precision, xla)
+    model = harness.compiled_resnet(args.depth, args.width, precision, xla)
     n = args.batch_size * (args.steps + args.warmup)
     train, _ = data.load_cifar100("synthetic", synthetic_sizes=(max(n, 1024), 16))
     x, y = next(iter(data.train_pipeline(train, args.batch_size, seed=0)))
 
-    median, _ = common.timed(common.train_step_fn(model, x, y), args.steps, args.warmup)
+    median, _ = harness.timed(harness.train_step_fn(model, x, y), args.steps, args.warmup)
     bare = args.batch_size / median
 
     pipeline = data.train_pipeline(train, args.batch_size, seed=0, repeat=True)
@@ -46,14 +38,24 @@ def main(argv=None):
     model.fit(pipeline, epochs=1, steps_per_epoch=args.steps, verbose=0)
     fit = args.steps * args.batch_size / (time.perf_counter() - start)
     cost = 1 - fit / bare
-    print(f"machine: {common.machine()}; ResNet-{args.depth} width {args.width} NAM, batch "
-          f"{args.batch_size}, {precision}, XLA {'on' if xla else 'off'}")
+    print(
+        f"machine: {harness.machine()}; ResNet-{args.depth} width {args.width} NAM, batch "
+        f"{args.batch_size}, {precision}, XLA {'on' if xla else 'off'}"
+    )
     print(f"{'bare train step (in memory)':<34}{bare:9.1f} img/s")
     print(f"{'model.fit on augmented pipeline':<34}{fit:9.1f} img/s")
     print(f"pipeline cost: {cost:.1%} of the step time")
-    common.write_json(args.json, {"machine": common.machine(), "bare_images_per_s": bare,
-                                  "fit_images_per_s": fit, "pipeline_cost": cost,
-                                  "precision": precision, "xla": xla, "args": vars(args)})
+    harness.write_json(
+        args.json,
+        {
+            "bare_images_per_s": bare,
+            "fit_images_per_s": fit,
+            "pipeline_cost": cost,
+            "precision": precision,
+            "xla": xla,
+            "args": vars(args),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -1,16 +1,45 @@
-"""Shared helpers of the benchmarks (timing, FLOP counting, matmul peak, output)."""
+"""The benchmarks' shared harness: arguments, timing, FLOP counting, matmul
+peak, compiled models, JSON output, and the check of hand-written NAM variants
+against `NAMAttention`.
 
+Run the benchmarks from the repository root with the project installed
+(`make test` installs it into .venv with `pip install -e .`):
+`.venv/bin/python bench/train_step.py`.
+"""
+
+import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
+
+
+def parser(doc, steps, warmup):
+    """An ArgumentParser with the options every benchmark takes.
+
+    Args:
+        doc: the script's docstring (its first line is the description).
+        steps: default number of timed repetitions (`--steps`).
+        warmup: default number of untimed repetitions first (`--warmup`).
+    """
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--steps", type=int, default=steps, help="timed repetitions")
+    p.add_argument("--warmup", type=int, default=warmup, help="untimed repetitions first")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    return p
+
+
+def add_model_arguments(p, batch_size=64):
+    """`--depth`, `--width`, `--batch-size` of the ResNet under test."""
+    p.add_argument("--depth", type=int, default=50)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    return p
 
 
 def machine():
@@ -70,9 +99,10 @@ def matmul_peak_flops(dtype, n=2048, repeats=10):
 
 
 def write_json(path, payload):
+    """Writes `payload` (plus the machine) to `path` when a path is given."""
     if path:
         with open(path, "w") as f:
-            json.dump(payload, f, indent=2)
+            json.dump({"machine": machine(), **payload}, f, indent=2, default=str)
         print(f"-> {path}")
 
 
@@ -93,13 +123,42 @@ def train_step_fn(model, x, y):
 
 def compiled_resnet(depth, width, precision, xla, attention="nam"):
     """A fresh ResNet under `precision`, compiled for training as train.py does."""
-    from nam_keras import build_resnet
-    from nam_keras.training import TorchSGD
+    from nam_keras import TorchSGD, build_resnet
 
     keras.backend.clear_session()
     keras.mixed_precision.set_global_policy(precision)
     keras.utils.set_random_seed(0)
     model = build_resnet(depth=depth, width=width, attention=attention)
-    model.compile(optimizer=TorchSGD(0.01), jit_compile=xla,
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=TorchSGD(0.01),
+        jit_compile=xla,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     return model
+
+
+def check_against_nam(variant, layer, x, rtol=1e-4, atol=1e-5):
+    """Asserts that `variant(x)` equals `layer(x, training=True)` (a built
+    `NAMAttention`, channel only), values and gradients with respect to the
+    input and to the layer's gamma and beta, before the variant is timed.
+
+    `variant(x, gamma, beta)` is a hand-written NAM forward pass in training
+    mode (batch statistics). Raises `AssertionError` on a mismatch.
+    """
+    import tensorflow as tf
+
+    gamma, beta = layer.channel_bn.gamma, layer.channel_bn.beta
+
+    def grads(fn):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            out = fn()
+            loss = tf.reduce_sum(out * tf.cos(out))  # not a plain sum: a non-trivial dL/dout
+        return [out, *tape.gradient(loss, [x, gamma, beta])]
+
+    want = grads(lambda: layer(x, training=True))
+    got = grads(lambda: variant(x, gamma, beta))
+    for name, a, b in zip(("output", "d/dx", "d/dgamma", "d/dbeta"), got, want):
+        np.testing.assert_allclose(
+            np.asarray(a), np.asarray(b), rtol=rtol, atol=atol, err_msg=f"{name} differs"
+        )

@@ -7,25 +7,18 @@ same in-memory path as the real data) after a warm-up, and reports images/s in
 total and divided by the number of CPU cores TensorFlow may use.
 """
 
-import argparse
-import json
 import os
-import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import harness
 
-from nam_keras import data  # noqa: E402
+from nam_keras import data
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, steps=200, warmup=20)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--train-size", type=int, default=50_000)
-    parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
 
     train, _ = data.load_cifar100("synthetic", synthetic_sizes=(args.train_size, 16))
@@ -39,13 +32,16 @@ def main(argv=None):
     seconds = time.perf_counter() - start
     cores = len(os.sched_getaffinity(0))
     ips = args.steps * args.batch_size / seconds
-    result = {"images_per_s": round(ips), "cores": cores, "images_per_s_per_core": round(ips / cores),
-              "batch_size": args.batch_size, "steps": args.steps}
+    result = {
+        "images_per_s": round(ips),
+        "cores": cores,
+        "images_per_s_per_core": round(ips / cores),
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+    }
     print(f"{'pipeline':<12}{'img/s':>10}{'cores':>7}{'img/s/core':>12}")
     print(f"{'augmented':<12}{ips:>10.0f}{cores:>7}{ips / cores:>12.0f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    harness.write_json(args.json, result)
     return result
 
 

@@ -10,16 +10,17 @@ autocast channels-last; then ours, in this same run, with the precision that
 images/s divided by PyTorch's best.
 """
 
-import argparse
 import os
 
-import common  # noqa: F401
+import harness
 
 try:
     import torch
     from torch import nn
 except ImportError:  # pragma: no cover - optional dependency
-    raise SystemExit("PyTorch is not installed: .venv/bin/pip install -r bench/requirements.txt") from None
+    raise SystemExit(
+        "PyTorch is not installed: .venv/bin/pip install -r bench/requirements.txt"
+    ) from None
 
 
 class TorchNAM(nn.Module):
@@ -49,7 +50,9 @@ class Bottleneck(nn.Module):
         self.nam = TorchNAM(cout) if nam else None
         self.proj = None
         if stride != 1 or cin != cout:
-            self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.proj = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x):
         y = torch.relu(self.bn1(self.conv1(x)))
@@ -63,7 +66,9 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     def __init__(self, blocks=(3, 4, 6, 3), num_classes=100, nam=True):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()
+        )
         layers, cin = [], 64
         for n, width, stride in zip(blocks, (64, 128, 256, 512), (1, 2, 2, 2)):
             for b in range(n):
@@ -99,44 +104,55 @@ def torch_images_per_s(batch, channels_last, bf16, steps, warmup):
         loss.backward()
         opt.step()
 
-    median, _ = common.timed(step, steps, warmup)
+    median, _ = harness.timed(step, steps, warmup)
     return batch / median
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.parser(__doc__, steps=5, warmup=2)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--json")
     args = p.parse_args(argv)
     torch.set_num_threads(len(os.sched_getaffinity(0)))
 
     n_params = sum(t.numel() for t in ResNet().parameters())
-    print(f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads; ResNet-50+NAM "
-          f"{n_params:,} parameters (gamma/beta included, moving statistics not)")
+    print(
+        f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads; ResNet-50+NAM "
+        f"{n_params:,} parameters (gamma/beta included, moving statistics not)"
+    )
     results = {}
-    for name, cl, bf16 in (("fp32 channels-first", False, False), ("fp32 channels-last", True, False),
-                           ("bf16 autocast channels-last", True, True)):
+    for name, cl, bf16 in (
+        ("fp32 channels-first", False, False),
+        ("fp32 channels-last", True, False),
+        ("bf16 autocast channels-last", True, True),
+    ):
         results[name] = torch_images_per_s(args.batch_size, cl, bf16, args.steps, args.warmup)
         print(f"  torch {name:<30}{results[name]:8.1f} img/s", flush=True)
     best = max(results, key=results.get)
 
     import tensorflow as tf
-
-    from nam_keras.training import resolve_jit, resolve_precision
     from train_step import measure
+
+    from nam_keras.distribute import resolve_jit, resolve_precision
 
     gpus = tf.config.list_physical_devices("GPU")
     precision, xla = resolve_precision("auto", gpus), resolve_jit("auto", gpus)
-    ours = measure(50, 64, args.batch_size, precision, xla, "nam", args.steps, args.warmup)["images_per_s"]
+    ours = measure(50, 64, args.batch_size, precision, xla, "nam", args.steps, args.warmup)[
+        "images_per_s"
+    ]
     ratio = ours / results[best]
     print(f"  ours  {precision}, XLA {'on' if xla else 'off'} (auto){'':<7}{ours:8.1f} img/s")
-    print(f"\nmachine: {common.machine()}; batch {args.batch_size}; median of {args.steps} steps")
+    print(f"\nmachine: {harness.machine()}; batch {args.batch_size}; median of {args.steps} steps")
     print(f"ours / PyTorch best ({best}): {ratio:.2f}x")
-    common.write_json(args.json, {"machine": common.machine(), "torch": results, "torch_best": best,
-                                  "ours": {"precision": precision, "xla": xla, "images_per_s": ours},
-                                  "ratio": ratio, "args": vars(args)})
+    harness.write_json(
+        args.json,
+        {
+            "torch": results,
+            "torch_best": best,
+            "ours": {"precision": precision, "xla": xla, "images_per_s": ours},
+            "ratio": ratio,
+            "args": vars(args),
+        },
+    )
 
 
 if __name__ == "__main__":

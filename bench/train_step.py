@@ -11,9 +11,7 @@ fraction of the matmul peak measured in the same run (float32 matmul for
 float32, bfloat16 for mixed_bfloat16, float16 for mixed_float16).
 """
 
-import argparse
-
-import common  # noqa: F401  (sets up the path and the environment)
+import harness
 import keras
 import numpy as np
 import tensorflow as tf
@@ -22,56 +20,80 @@ PEAK_DTYPE = {"float32": tf.float32, "mixed_bfloat16": tf.bfloat16, "mixed_float
 
 
 def measure(depth, width, batch, precision, xla, attention, steps, warmup):
-    model = common.compiled_resnet(depth, width, precision, xla, attention)
+    model = harness.compiled_resnet(depth, width, precision, xla, attention)
     rng = np.random.default_rng(0)
     x = tf.constant(rng.integers(0, 256, (batch, 32, 32, 3)).astype("float32"))
     y = tf.constant(rng.integers(0, 100, (batch,)).astype("int32"))
-    median, times = common.timed(common.train_step_fn(model, x, y), steps, warmup)
-    macs = common.forward_macs(model)
+    median, times = harness.timed(harness.train_step_fn(model, x, y), steps, warmup)
+    macs = harness.forward_macs(model)
     keras.mixed_precision.set_global_policy("float32")
-    return {"step_s": median, "times_s": times, "images_per_s": batch / median,
-            "forward_macs_per_image": macs}
+    return {
+        "step_s": median,
+        "times_s": times,
+        "images_per_s": batch / median,
+        "forward_macs_per_image": macs,
+    }
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--depth", type=int, default=50)
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    p = harness.add_model_arguments(harness.parser(__doc__, steps=5, warmup=2))
     p.add_argument("--precisions", default="float32,mixed_bfloat16")
     p.add_argument("--xla", default="off,on", help="comma list of off/on")
-    p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
 
     precisions = args.precisions.split(",")
-    peaks = {pr: common.matmul_peak_flops(PEAK_DTYPE[pr]) for pr in precisions}
+    peaks = {pr: harness.matmul_peak_flops(PEAK_DTYPE[pr]) for pr in precisions}
     rows = []
     for precision in precisions:
         for xla in [x == "on" for x in args.xla.split(",")]:
             res = {}
             for attention in (None, "nam"):
-                r = measure(args.depth, args.width, args.batch_size, precision, xla, attention,
-                            args.steps, args.warmup)
+                r = measure(
+                    args.depth,
+                    args.width,
+                    args.batch_size,
+                    precision,
+                    xla,
+                    attention,
+                    args.steps,
+                    args.warmup,
+                )
                 train_flops = 3 * 2 * r["forward_macs_per_image"]  # forward + backward ~ 3x forward
                 r["utilisation"] = r["images_per_s"] * train_flops / peaks[precision]
                 res["nam" if attention else "baseline"] = r
-            rows.append({"precision": precision, "xla": xla, **res,
-                         "nam_overhead": res["nam"]["step_s"] / res["baseline"]["step_s"]})
+            rows.append(
+                {
+                    "precision": precision,
+                    "xla": xla,
+                    **res,
+                    "nam_overhead": res["nam"]["step_s"] / res["baseline"]["step_s"],
+                }
+            )
             b, n = res["baseline"], res["nam"]
-            print(f"{precision:<15} XLA {'on ' if xla else 'off'}  baseline {b['images_per_s']:7.1f} img/s"
-                  f"  NAM {n['images_per_s']:7.1f} img/s  overhead {rows[-1]['nam_overhead']:.3f}x"
-                  f"  utilisation {n['utilisation']:.0%} of {peaks[precision] / 1e9:.0f} GFLOP/s", flush=True)
+            print(
+                f"{precision:<15} XLA {'on ' if xla else 'off'}"
+                f"  baseline {b['images_per_s']:7.1f} img/s"
+                f"  NAM {n['images_per_s']:7.1f} img/s  overhead {rows[-1]['nam_overhead']:.3f}x"
+                f"  utilisation {n['utilisation']:.0%} of {peaks[precision] / 1e9:.0f} GFLOP/s",
+                flush=True,
+            )
     macs = rows[0]["nam"]["forward_macs_per_image"]
-    print(f"\nmachine: {common.machine()}; ResNet-{args.depth} width {args.width}, batch {args.batch_size}, "
-          f"{macs / 1e9:.3f} G multiply-adds/image forward; median of {args.steps} steps")
-    print(f"{'precision':<16}{'XLA':<5}{'baseline img/s':>15}{'NAM img/s':>11}{'NAM overhead':>14}{'util (NAM)':>12}")
+    print(
+        f"\nmachine: {harness.machine()}; ResNet-{args.depth} width {args.width}, "
+        f"batch {args.batch_size}, {macs / 1e9:.3f} G multiply-adds/image forward; "
+        f"median of {args.steps} steps"
+    )
+    print(
+        f"{'precision':<16}{'XLA':<5}{'baseline img/s':>15}{'NAM img/s':>11}"
+        f"{'NAM overhead':>14}{'util (NAM)':>12}"
+    )
     for r in rows:
-        print(f"{r['precision']:<16}{'on' if r['xla'] else 'off':<5}{r['baseline']['images_per_s']:>15.1f}"
-              f"{r['nam']['images_per_s']:>11.1f}{r['nam_overhead']:>13.3f}x{r['nam']['utilisation']:>12.1%}")
-    common.write_json(args.json, {"machine": common.machine(), "args": vars(args),
-                                  "matmul_peak_flops": peaks, "rows": rows})
+        print(
+            f"{r['precision']:<16}{'on' if r['xla'] else 'off':<5}"
+            f"{r['baseline']['images_per_s']:>15.1f}{r['nam']['images_per_s']:>11.1f}"
+            f"{r['nam_overhead']:>13.3f}x{r['nam']['utilisation']:>12.1%}"
+        )
+    harness.write_json(args.json, {"args": vars(args), "matmul_peak_flops": peaks, "rows": rows})
     return rows
 
 

@@ -196,9 +196,7 @@ class NAMAttention(keras.layers.Layer):
                     f"input_shape={tuple(input_shape)}."
                 )
             self.spatial_bn.build((input_shape[0], height * width, channels))
-        self.input_spec = keras.layers.InputSpec(
-            ndim=4, axes={1: height, 2: width, 3: channels}
-        )
+        self.input_spec = keras.layers.InputSpec(ndim=4, axes={1: height, 2: width, 3: channels})
 
     @staticmethod
     def _l1(gamma):
@@ -237,7 +235,7 @@ class NAMAttention(keras.layers.Layer):
             x = self._gate(x, self.channel_bn, training)
             penalty = self._l1(self.channel_bn.gamma)
         if self.spatial:
-            n, h, w, c = ops.shape(x)
+            _n, h, w, c = ops.shape(x)
             flat = ops.reshape(x, (-1, h * w, c))
             x = ops.reshape(self._gate(flat, self.spatial_bn, training), (-1, h, w, c))
             l1 = self._l1(self.spatial_bn.gamma)

@@ -64,8 +64,11 @@ class WarmupCosine(keras.callbacks.Callback):
             logs["lr"] = float(ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
     def get_config(self):
-        return {"base_lr": self.base_lr, "total_steps": self.total_steps,
-                "warmup_steps": self.warmup_steps}
+        return {
+            "base_lr": self.base_lr,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+        }
 
     @classmethod
     def from_config(cls, config):

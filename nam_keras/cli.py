@@ -41,8 +41,9 @@ def _add_field(parser, groups, field):
     if meta.get("flags"):  # mutually exclusive flags that each set one value
         exclusive = group.add_mutually_exclusive_group()
         for option, (value, text) in meta["flags"].items():
-            exclusive.add_argument(option, dest=field.name, action="store_const", const=value,
-                                   help=text)
+            exclusive.add_argument(
+                option, dest=field.name, action="store_const", const=value, help=text
+            )
         parser.set_defaults(**{field.name: field.default})
         return
     kwargs = {"default": field.default, "help": meta["help"], "dest": field.name}

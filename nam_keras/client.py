@@ -35,12 +35,18 @@ def build_request(images):
     """TF Serving's REST `predict` body (row format) for uint8 images (N, 32, 32, 3)."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
-        raise ValueError(f"expected uint8 images of shape (N, 32, 32, 3); received {images.dtype} {images.shape}.")
-    return {"signature_name": "serving_default",
-            "instances": [{"images": image.tolist()} for image in images]}
+        raise ValueError(
+            "expected uint8 images of shape (N, 32, 32, 3); "
+            f"received {images.dtype} {images.shape}."
+        )
+    return {
+        "signature_name": "serving_default",
+        "instances": [{"images": image.tolist()} for image in images],
+    }
 
 
 def predict_url(server, model, version=None):
+    """The REST `predict` URL of `model` (a given `version`, else the latest)."""
     base = server.rstrip("/")
     if "://" not in base:
         base = "http://" + base
@@ -58,7 +64,9 @@ def predict(url, images, timeout=30.0):
         detail = err.read().decode(errors="replace")
         raise RuntimeError(f"{url}: HTTP {err.code}: {detail}") from None
     except urllib.error.URLError as err:
-        raise RuntimeError(f"{url}: cannot reach the server ({err.reason}). Is TF Serving running?") from None
+        raise RuntimeError(
+            f"{url}: cannot reach the server ({err.reason}). Is TF Serving running?"
+        ) from None
     if "predictions" not in reply:
         raise RuntimeError(f"{url}: unexpected reply {str(reply)[:200]!r}")
     out = []
@@ -70,7 +78,10 @@ def predict(url, images, timeout=30.0):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m nam_keras.client", description=__doc__.split("\n\n")[0])
+    """The client's command line; returns the exit code."""
+    p = argparse.ArgumentParser(
+        prog="python -m nam_keras.client", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("images", nargs="+", help="PNG/JPEG files")
     p.add_argument("--server", default="http://localhost:8501", help="TF Serving REST address")
     p.add_argument("--model", default="nam", help="MODEL_NAME given to TF Serving")

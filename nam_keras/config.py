@@ -102,8 +102,14 @@ def setting(default, help, group, *, type=None, choices=None, resume=False, **ar
         **argparse_kwargs: `action`, `nargs`, `metavar`, `flags`
             (mutually exclusive options, `{"--flag": (value, help)}`), `positional`.
     """
-    metadata = {"help": help, "group": group, "type": type, "choices": choices,
-                "resume": resume, **argparse_kwargs}
+    metadata = {
+        "help": help,
+        "group": group,
+        "type": type,
+        "choices": choices,
+        "resume": resume,
+        **argparse_kwargs,
+    }
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -112,16 +118,30 @@ class DataConfig:
     """Where the CIFAR-100 data comes from (shared by training and evaluation)."""
 
     dataset: str = setting(
-        "cifar100", "cifar100 (TFDS, or the local archive given by --data-dir) or synthetic "
-        "random data of the same shapes", "data", choices=DATASETS)
+        "cifar100",
+        "cifar100 (TFDS, or the local archive given by --data-dir) or synthetic "
+        "random data of the same shapes",
+        "data",
+        choices=DATASETS,
+    )
     data_dir: str = setting(
-        None, "local cifar-100-python.tar.gz, its folder, or the extracted cifar-100-python/ "
-        "folder; used instead of TFDS", "data", metavar="PATH")
+        None,
+        "local cifar-100-python.tar.gz, its folder, or the extracted cifar-100-python/ "
+        "folder; used instead of TFDS",
+        "data",
+        metavar="PATH",
+    )
     tfds_data_dir: str = setting(
-        None, "TensorFlow Datasets folder (default ~/tensorflow_datasets)", "data", metavar="DIR")
+        None, "TensorFlow Datasets folder (default ~/tensorflow_datasets)", "data", metavar="DIR"
+    )
     synthetic_size: tuple = setting(
-        (50_000, 10_000), "number of train and test examples of --dataset synthetic", "data",
-        type=positive_int, nargs=2, metavar=("TRAIN", "TEST"))
+        (50_000, 10_000),
+        "number of train and test examples of --dataset synthetic",
+        "data",
+        type=positive_int,
+        nargs=2,
+        metavar=("TRAIN", "TEST"),
+    )
 
     def __post_init__(self):
         validate(self)
@@ -133,82 +153,155 @@ class TrainConfig(DataConfig):
 
     # === model ===
     model: str = setting(
-        "nam", "nam: ResNet with NAM in every block; baseline: the same ResNet without it", "model",
-        choices=("nam", "baseline"), resume=True,
-        flags={"--nam": ("nam", "ResNet with NAM in every block (the default)"),
-               "--baseline": ("baseline", "the same ResNet without NAM")})
+        "nam",
+        "nam: ResNet with NAM in every block; baseline: the same ResNet without it",
+        "model",
+        choices=("nam", "baseline"),
+        resume=True,
+        flags={
+            "--nam": ("nam", "ResNet with NAM in every block (the default)"),
+            "--baseline": ("baseline", "the same ResNet without NAM"),
+        },
+    )
     depth: int = setting(50, "ResNet depth", "model", type=int, choices=DEPTHS, resume=True)
     width: int = setting(
-        64, "channels of the first stage (64 = the paper's ResNet; smaller for smoke runs)",
-        "model", type=positive_int, resume=True)
+        64,
+        "channels of the first stage (64 = the paper's ResNet; smaller for smoke runs)",
+        "model",
+        type=positive_int,
+        resume=True,
+    )
     stem: str = setting(
-        "cifar", "cifar: 3x3 conv, no pooling; imagenet: 7x7/2 conv + max-pool", "model",
-        choices=STEMS, resume=True)
+        "cifar",
+        "cifar: 3x3 conv, no pooling; imagenet: 7x7/2 conv + max-pool",
+        "model",
+        choices=STEMS,
+        resume=True,
+    )
     spatial: bool = setting(
-        False, "add NAM pixel attention after the channel one", "model", action="store_true",
-        resume=True)
+        False,
+        "add NAM pixel attention after the channel one",
+        "model",
+        action="store_true",
+        resume=True,
+    )
     sparsity: float = setting(
-        1e-4, "weight p of the L1 penalty on the NAM BN scales (0 disables)", "model",
-        type=non_negative_float, resume=True)
+        1e-4,
+        "weight p of the L1 penalty on the NAM BN scales (0 disables)",
+        "model",
+        type=non_negative_float,
+        resume=True,
+    )
     stop_gradient: bool = setting(
-        False, "no gradient through the NAM weights (official PyTorch behaviour)", "model",
-        action="store_true", resume=True)
+        False,
+        "no gradient through the NAM weights (official PyTorch behaviour)",
+        "model",
+        action="store_true",
+        resume=True,
+    )
 
     # === optimisation ===
     epochs: int = setting(300, "number of epochs", "optimisation", type=positive_int)
     batch_size: int = setting(
-        128, "global batch size (split across replicas)", "optimisation", type=positive_int)
-    lr: float = setting(0.1, "peak learning rate for batch 128", "optimisation",
-                        type=non_negative_float)
+        128, "global batch size (split across replicas)", "optimisation", type=positive_int
+    )
+    lr: float = setting(
+        0.1, "peak learning rate for batch 128", "optimisation", type=non_negative_float
+    )
     lr_scaling: str = setting(
-        "linear", "linear: peak LR = --lr * batch / 128; none: peak LR = --lr", "optimisation",
-        choices=("linear", "none"))
+        "linear",
+        "linear: peak LR = --lr * batch / 128; none: peak LR = --lr",
+        "optimisation",
+        choices=("linear", "none"),
+    )
     warmup_steps: int = setting(
-        2000, "linear warmup steps from 0 before the cosine decay", "optimisation",
-        type=non_negative_int)
+        2000,
+        "linear warmup steps from 0 before the cosine decay",
+        "optimisation",
+        type=non_negative_int,
+    )
     momentum: float = setting(0.9, "SGD momentum", "optimisation", type=fraction)
     weight_decay: float = setting(
-        5e-4, "L2 added to the gradient (PyTorch/Paddle semantics)", "optimisation",
-        type=non_negative_float)
+        5e-4,
+        "L2 added to the gradient (PyTorch/Paddle semantics)",
+        "optimisation",
+        type=non_negative_float,
+    )
     steps_per_epoch: int = setting(
-        None, "steps per epoch (default: train examples // batch); caps smoke runs",
-        "optimisation", type=positive_int)
-    no_augment: bool = setting(False, "turn the reference augmentation off", "optimisation",
-                               action="store_true")
-    randaugment: bool = setting(False, "add keras.layers.RandAugment", "optimisation",
-                                action="store_true")
+        None,
+        "steps per epoch (default: train examples // batch); caps smoke runs",
+        "optimisation",
+        type=positive_int,
+    )
+    no_augment: bool = setting(
+        False, "turn the reference augmentation off", "optimisation", action="store_true"
+    )
+    randaugment: bool = setting(
+        False, "add keras.layers.RandAugment", "optimisation", action="store_true"
+    )
     mixup: float = setting(0.0, "MixUp alpha (0: off)", "optimisation", type=non_negative_float)
     cutmix: float = setting(0.0, "CutMix alpha (0: off)", "optimisation", type=non_negative_float)
-    val_freq: int = setting(1, "validate on the test split every N epochs (0: never)",
-                            "optimisation", type=non_negative_int)
+    val_freq: int = setting(
+        1,
+        "validate on the test split every N epochs (0: never)",
+        "optimisation",
+        type=non_negative_int,
+    )
     val_steps: int = setting(None, "cap on validation batches", "optimisation", type=positive_int)
-    seed: int = setting(0, "seed of the weights, the shuffling and the augmentation",
-                        "optimisation", type=random_seed)
+    seed: int = setting(
+        0,
+        "seed of the weights, the shuffling and the augmentation",
+        "optimisation",
+        type=random_seed,
+    )
 
     # === devices ===
     precision: str = setting(
-        "auto", "auto: mixed_bfloat16 on Ampere+ GPUs and bf16-capable CPUs, mixed_float16 on "
-        "older GPUs, else float32", "devices", choices=PRECISIONS, resume=True)
-    jit_compile: str = setting("auto", "XLA; auto: on for GPUs, off for CPUs", "devices",
-                               choices=("auto", "on", "off"))
+        "auto",
+        "auto: mixed_bfloat16 on Ampere+ GPUs and bf16-capable CPUs, mixed_float16 on "
+        "older GPUs, else float32",
+        "devices",
+        choices=PRECISIONS,
+        resume=True,
+    )
+    jit_compile: str = setting(
+        "auto", "XLA; auto: on for GPUs, off for CPUs", "devices", choices=("auto", "on", "off")
+    )
     sync_bn: bool = setting(
-        None, "BN batch statistics over all replicas (default: on with several replicas, so "
-        "that they train like one device on the global batch)", "devices",
-        action="boolean_optional")
+        None,
+        "BN batch statistics over all replicas (default: on with several replicas, so "
+        "that they train like one device on the global batch)",
+        "devices",
+        action="boolean_optional",
+    )
     cpu_replicas: int = setting(
-        0, "split the CPU into N logical devices and mirror over them (exercises the "
-        "multi-device path without GPUs)", "devices", type=non_negative_int)
+        0,
+        "split the CPU into N logical devices and mirror over them (exercises the "
+        "multi-device path without GPUs)",
+        "devices",
+        type=non_negative_int,
+    )
 
     # === outputs ===
     run_dir: str = setting(
-        None, "config, CSV/TensorBoard logs and backups (default runs/nam or runs/baseline)",
-        "outputs")
-    output: str = setting(None, "final model file (default nam.keras or baseline.keras)",
-                          "outputs")
-    resume: bool = setting(True, "resume from the run directory's backup if there is one",
-                           "outputs", action="boolean_optional")
-    verbose: int = setting(1, "Keras verbosity: 1 = progress bar, 2 = one line per epoch",
-                           "outputs", type=int, choices=(0, 1, 2))
+        None,
+        "config, CSV/TensorBoard logs and backups (default runs/nam or runs/baseline)",
+        "outputs",
+    )
+    output: str = setting(None, "final model file (default nam.keras or baseline.keras)", "outputs")
+    resume: bool = setting(
+        True,
+        "resume from the run directory's backup if there is one",
+        "outputs",
+        action="boolean_optional",
+    )
+    verbose: int = setting(
+        1,
+        "Keras verbosity: 1 = progress bar, 2 = one line per epoch",
+        "outputs",
+        type=int,
+        choices=(0, 1, 2),
+    )
 
     # === derived ===
     @property
@@ -238,18 +331,29 @@ class EvalConfig(DataConfig):
     model: str = setting(None, "a .keras file written by train.py", "model", positional=True)
     batch_size: int = setting(256, "evaluation batch size", "evaluation", type=positive_int)
     json: str = setting(
-        None, "write the full report (per-class accuracy, NAM weights) here", "evaluation",
-        metavar="FILE")
+        None,
+        "write the full report (per-class accuracy, NAM weights) here",
+        "evaluation",
+        metavar="FILE",
+    )
     plots: str = setting(
-        None, "write nam_weights.png (NAM channel weights per block) here", "evaluation",
-        metavar="DIR")
+        None,
+        "write nam_weights.png (NAM channel weights per block) here",
+        "evaluation",
+        metavar="DIR",
+    )
     near_zero: float = setting(
-        0.1, "a NAM weight counts as near zero below this fraction of the uniform weight 1/C",
-        "evaluation", type=float)
-    export: str = setting(None, "also write a TF Serving SavedModel to DIR/<version>/",
-                          "evaluation", metavar="DIR")
-    skip_eval: bool = setting(False, "no test-set evaluation (report/export only)", "evaluation",
-                              action="store_true")
+        0.1,
+        "a NAM weight counts as near zero below this fraction of the uniform weight 1/C",
+        "evaluation",
+        type=float,
+    )
+    export: str = setting(
+        None, "also write a TF Serving SavedModel to DIR/<version>/", "evaluation", metavar="DIR"
+    )
+    skip_eval: bool = setting(
+        False, "no test-set evaluation (report/export only)", "evaluation", action="store_true"
+    )
     seed: int = setting(0, "seed of --dataset synthetic", "evaluation", type=random_seed)
 
     def __post_init__(self):
@@ -281,7 +385,9 @@ def validate(config):
         choices = field.metadata.get("choices")
         if choices and any(v not in choices for v in checked):
             raise ConfigError(f"{flag(field)}: invalid choice {value!r} (choose from {choices})")
-        object.__setattr__(config, field.name, checked if field.metadata.get("nargs") else checked[0])
+        object.__setattr__(
+            config, field.name, checked if field.metadata.get("nargs") else checked[0]
+        )
 
 
 def resume_fields(config_class=TrainConfig):
@@ -290,9 +396,11 @@ def resume_fields(config_class=TrainConfig):
 
 
 #: Settings (and derived values) a backup must share with the run resuming it.
-RESUME_KEYS = resume_fields() + ("num_classes", "mixing")
+RESUME_KEYS = (*resume_fields(), "num_classes", "mixing")
 
 
 def to_dict(config):
     """The settings as JSON-ready values (tuples become lists)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()
+    }

@@ -37,16 +37,108 @@ PROBE_TIMEOUT_S = 3.0
 ARCHIVE_NAME = "cifar-100-python.tar.gz"
 FOLDER_NAME = "cifar-100-python"
 
-CIFAR100_LABELS = (
-    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus "
-    "butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch "
-    "crab crocodile cup dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo "
-    "keyboard lamp lawn_mower leopard lion lizard lobster man maple_tree motorcycle mountain mouse "
-    "mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain plate poppy "
-    "porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper "
-    "snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television "
-    "tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm"
-).split()
+CIFAR100_LABELS = [
+    "apple",
+    "aquarium_fish",
+    "baby",
+    "bear",
+    "beaver",
+    "bed",
+    "bee",
+    "beetle",
+    "bicycle",
+    "bottle",
+    "bowl",
+    "boy",
+    "bridge",
+    "bus",
+    "butterfly",
+    "camel",
+    "can",
+    "castle",
+    "caterpillar",
+    "cattle",
+    "chair",
+    "chimpanzee",
+    "clock",
+    "cloud",
+    "cockroach",
+    "couch",
+    "crab",
+    "crocodile",
+    "cup",
+    "dinosaur",
+    "dolphin",
+    "elephant",
+    "flatfish",
+    "forest",
+    "fox",
+    "girl",
+    "hamster",
+    "house",
+    "kangaroo",
+    "keyboard",
+    "lamp",
+    "lawn_mower",
+    "leopard",
+    "lion",
+    "lizard",
+    "lobster",
+    "man",
+    "maple_tree",
+    "motorcycle",
+    "mountain",
+    "mouse",
+    "mushroom",
+    "oak_tree",
+    "orange",
+    "orchid",
+    "otter",
+    "palm_tree",
+    "pear",
+    "pickup_truck",
+    "pine_tree",
+    "plain",
+    "plate",
+    "poppy",
+    "porcupine",
+    "possum",
+    "rabbit",
+    "raccoon",
+    "ray",
+    "road",
+    "rocket",
+    "rose",
+    "sea",
+    "seal",
+    "shark",
+    "shrew",
+    "skunk",
+    "skyscraper",
+    "snail",
+    "snake",
+    "spider",
+    "squirrel",
+    "streetcar",
+    "sunflower",
+    "sweet_pepper",
+    "table",
+    "tank",
+    "telephone",
+    "television",
+    "tiger",
+    "tractor",
+    "train",
+    "trout",
+    "tulip",
+    "turtle",
+    "wardrobe",
+    "whale",
+    "willow_tree",
+    "wolf",
+    "woman",
+    "worm",
+]
 assert len(CIFAR100_LABELS) == NUM_CLASSES
 
 
@@ -113,9 +205,11 @@ def _read_archive(path):
         with tarfile.open(path, "r:gz") as tar:
             for member in tar:
                 split = os.path.basename(member.name)
-                if member.isfile() and split in FULL_SIZES and os.path.basename(
-                    os.path.dirname(member.name)
-                ) in (FOLDER_NAME, ""):
+                if (
+                    member.isfile()
+                    and split in FULL_SIZES
+                    and os.path.basename(os.path.dirname(member.name)) in (FOLDER_NAME, "")
+                ):
                     splits[split] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
         raise DataError(
@@ -183,7 +277,7 @@ def _reachable(address, timeout):
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     try:
         return pool.submit(connect).result(timeout=timeout + 0.5)
-    except Exception:  # noqa: BLE001 - any failure means "not reachable"
+    except Exception:
         return False
     finally:
         pool.shutdown(wait=False)
@@ -194,7 +288,10 @@ def _tfds_arrays(data_dir):
 
     def load(download):
         splits = tfds.load(
-            "cifar100", split=["train", "test"], data_dir=data_dir, as_supervised=True,
+            "cifar100",
+            split=["train", "test"],
+            data_dir=data_dir,
+            as_supervised=True,
             download=download,
         )
         out = {}
@@ -213,7 +310,10 @@ def _tfds_arrays(data_dir):
                 f"{DOWNLOAD_PROBE[0]} cannot be reached (offline?). {_OFFLINE_HELP}"
             ) from err
         arrays = load(download=True)
-    return {s: _check_split(np.asarray(x), np.asarray(y), s, "tfds cifar100") for s, (x, y) in arrays.items()}
+    return {
+        s: _check_split(np.asarray(x), np.asarray(y), s, "tfds cifar100")
+        for s, (x, y) in arrays.items()
+    }
 
 
 def synthetic_arrays(train_size=50_000, test_size=10_000, seed=0):
@@ -230,8 +330,9 @@ def synthetic_arrays(train_size=50_000, test_size=10_000, seed=0):
     return out
 
 
-def load_cifar100_arrays(source="cifar100", data_dir=None, tfds_data_dir=None,
-                         synthetic_sizes=(50_000, 10_000), seed=0):
+def load_cifar100_arrays(
+    source="cifar100", data_dir=None, tfds_data_dir=None, synthetic_sizes=(50_000, 10_000), seed=0
+):
     """`{"train": (images, labels), "test": (images, labels)}` as NumPy arrays.
 
     Args:
@@ -255,13 +356,17 @@ def load_cifar100_arrays(source="cifar100", data_dir=None, tfds_data_dir=None,
 def load_for(config):
     """`load_cifar100_arrays` with the data settings of a `TrainConfig`/`EvalConfig`."""
     return load_cifar100_arrays(
-        config.dataset, data_dir=config.data_dir, tfds_data_dir=config.tfds_data_dir,
-        synthetic_sizes=tuple(config.synthetic_size), seed=config.seed,
+        config.dataset,
+        data_dir=config.data_dir,
+        tfds_data_dir=config.tfds_data_dir,
+        synthetic_sizes=tuple(config.synthetic_size),
+        seed=config.seed,
     )
 
 
-def load_cifar100(source="cifar100", data_dir=None, tfds_data_dir=None,
-                  synthetic_sizes=(50_000, 10_000), seed=0):
+def load_cifar100(
+    source="cifar100", data_dir=None, tfds_data_dir=None, synthetic_sizes=(50_000, 10_000), seed=0
+):
     """Train and test `tf.data.Dataset`s of `(uint8 image (32, 32, 3), int32 label)`.
 
     Same arguments as `load_cifar100_arrays`; the data is decoded once and
@@ -288,13 +393,17 @@ def _affine_transforms(seed, batch, size, pad, rotation_deg, flip):
     `rotate(flip(crop(pad(image))))`: one resampling pass for all three."""
     s_shift, s_flip, s_angle = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
     shift = tf.cast(
-        tf.random.stateless_uniform([batch, 2], s_shift, minval=-pad, maxval=pad + 1, dtype=tf.int32),
+        tf.random.stateless_uniform(
+            [batch, 2], s_shift, minval=-pad, maxval=pad + 1, dtype=tf.int32
+        ),
         tf.float32,
     )
     sign = tf.ones([batch])
     if flip:
         sign = tf.where(tf.random.stateless_uniform([batch], s_flip) < 0.5, -1.0, 1.0)
-    angle = tf.random.stateless_uniform([batch], s_angle, -1.0, 1.0) * (rotation_deg * math.pi / 180.0)
+    angle = tf.random.stateless_uniform([batch], s_angle, -1.0, 1.0) * (
+        rotation_deg * math.pi / 180.0
+    )
     cos, sin = tf.cos(angle), tf.sin(angle)
     c = (size - 1) / 2.0
     # rotation about the centre: q = M p + (c - M c)
@@ -305,14 +414,23 @@ def _affine_transforms(seed, batch, size, pad, rotation_deg, flip):
     flip_off = tf.where(sign < 0, float(size - 1), 0.0)
     zeros = tf.zeros([batch])
     return tf.stack(
-        [sign * m00, sign * m01, sign * t0 + flip_off + shift[:, 0],
-         m10, m11, t1 + shift[:, 1], zeros, zeros],
+        [
+            sign * m00,
+            sign * m01,
+            sign * t0 + flip_off + shift[:, 0],
+            m10,
+            m11,
+            t1 + shift[:, 1],
+            zeros,
+            zeros,
+        ],
         axis=1,
     )
 
 
-def augment_batch(images, seed, pad=4, flip=True, rotation_deg=15.0, brightness=0.1,
-                  contrast=0.1, p=0.5):
+def augment_batch(
+    images, seed, pad=4, flip=True, rotation_deg=15.0, brightness=0.1, contrast=0.1, p=0.5
+):
     """The reference training augmentation, drawn independently for every image.
 
     `images`: float32 (B, H, W, 3) in [0, 255]; `seed`: int shape (2,) for the
@@ -328,8 +446,12 @@ def augment_batch(images, seed, pad=4, flip=True, rotation_deg=15.0, brightness=
     if pad or flip or rotation_deg:
         transforms = _affine_transforms(s_geo, batch, size, pad, rotation_deg, flip)
         images = tf.raw_ops.ImageProjectiveTransformV3(
-            images=images, transforms=transforms, output_shape=tf.shape(images)[1:3],
-            fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT",
+            images=images,
+            transforms=transforms,
+            output_shape=tf.shape(images)[1:3],
+            fill_value=0.0,
+            interpolation="BILINEAR",
+            fill_mode="CONSTANT",
         )
 
     def factor(s_val, s_apply, amount):
@@ -356,8 +478,18 @@ def _with_options(ds):
     return ds.with_options(options)
 
 
-def train_pipeline(ds, batch_size, seed=0, augment=True, randaugment=False, mixup=0.0,
-                   cutmix=0.0, num_classes=NUM_CLASSES, repeat=False, shuffle_buffer=None):
+def train_pipeline(
+    ds,
+    batch_size,
+    seed=0,
+    augment=True,
+    randaugment=False,
+    mixup=0.0,
+    cutmix=0.0,
+    num_classes=NUM_CLASSES,
+    repeat=False,
+    shuffle_buffer=None,
+):
     """Shuffled (every epoch, from `seed`), batched, augmented training batches.
 
     Yields `(images float32 (B, 32, 32, 3) in [0, 255], labels)`; labels are

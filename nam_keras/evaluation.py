@@ -21,8 +21,10 @@ def load_model(path):
         raise ModelError(f"{path}: not a Keras model (.keras files are zip archives).")
     try:
         model = keras.models.load_model(path)
-    except Exception as err:  # noqa: BLE001 - Keras raises many kinds
-        raise ModelError(f"{path}: cannot be loaded as a Keras model ({type(err).__name__}: {err}).") from None
+    except Exception as err:
+        raise ModelError(
+            f"{path}: cannot be loaded as a Keras model ({type(err).__name__}: {err})."
+        ) from None
     shape = tuple(model.input_shape[1:]) if not isinstance(model.input_shape, list) else None
     if shape != IMAGE_SHAPE:
         raise ModelError(
@@ -49,7 +51,7 @@ def accuracy_report(logits, labels, worst=10):
             per_class[name] = float(hit1[mask].mean())
     worst_classes = sorted(per_class.items(), key=lambda kv: (kv[1], kv[0]))[:worst]
     return {
-        "examples": int(len(labels)),
+        "examples": len(labels),
         "loss": loss,
         "top1": float(hit1.mean()),
         "top5": float(hit5.mean()),
@@ -78,9 +80,11 @@ def nam_report(model, near_zero=0.1):
             entry[kind] = {
                 "size": int(w.size),
                 "weights": w.tolist(),
-                "min": float(w.min()), "max": float(w.max()),
+                "min": float(w.min()),
+                "max": float(w.max()),
                 "relative_to_uniform": {
-                    "min": float(relative.min()), "median": float(np.median(relative)),
+                    "min": float(relative.min()),
+                    "median": float(np.median(relative)),
                     "max": float(relative.max()),
                 },
                 "near_zero": below,
@@ -118,18 +122,22 @@ def plot_nam_report(report, path):
         ax.fill_between(np.arange(relative.size), relative, color="tab:blue", alpha=0.6, step="mid")
         ax.axhline(1.0, color="black", lw=0.8, ls="--", label="uniform")
         ax.axhline(threshold, color="tab:red", lw=0.8, ls=":", label=f"{threshold:g} x uniform")
-        ax.set_title(f"{entry['layer'].removesuffix('_nam')} (C={ch['size']}): "
-                     f"{ch['near_zero_fraction']:.0%} near 0", fontsize=9)
+        ax.set_title(
+            f"{entry['layer'].removesuffix('_nam')} (C={ch['size']}): "
+            f"{ch['near_zero_fraction']:.0%} near 0",
+            fontsize=9,
+        )
         ax.set_xlim(0, relative.size - 1)
         ax.set_ylim(0, max(2.0, float(relative.max()) * 1.05))
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(layers):]:
+    for ax in list(axes.flat)[len(layers) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, loc="upper right")
     fig.suptitle(
         f"NAM channel weights |gamma|/sum|gamma| x C, sorted (1 = uniform); "
         f"{report['near_zero_fraction']:.1%} of {report['channels']} channels below "
-        f"{threshold:g} x uniform", fontsize=11,
+        f"{threshold:g} x uniform",
+        fontsize=11,
     )
     fig.supxlabel("channel rank", fontsize=9)
     fig.supylabel("weight / uniform weight", fontsize=9)

@@ -20,7 +20,8 @@ import time
 
 import keras
 
-from nam_keras import callbacks, config as settings, data, distribute, io
+from nam_keras import callbacks, data, distribute, io
+from nam_keras import config as settings
 from nam_keras.errors import ConfigError
 from nam_keras.optimizers import TorchSGD
 from nam_keras.resnet import build_resnet
@@ -112,14 +113,20 @@ def load_datasets(config):
     arrays = data.load_for(config)
     # train_pipeline refuses a batch larger than the training split (DataError).
     train_ds = data.train_pipeline(
-        tf.data.Dataset.from_tensor_slices(arrays["train"]), config.batch_size,
-        seed=config.seed, augment=not config.no_augment, randaugment=config.randaugment,
-        mixup=config.mixup, cutmix=config.cutmix, repeat=True,
+        tf.data.Dataset.from_tensor_slices(arrays["train"]),
+        config.batch_size,
+        seed=config.seed,
+        augment=not config.no_augment,
+        randaugment=config.randaugment,
+        mixup=config.mixup,
+        cutmix=config.cutmix,
+        repeat=True,
     )
     val_ds = None
     if config.val_freq:
         val_ds = data.eval_pipeline(
-            tf.data.Dataset.from_tensor_slices(arrays["test"]), config.batch_size,
+            tf.data.Dataset.from_tensor_slices(arrays["test"]),
+            config.batch_size,
             one_hot=data.NUM_CLASSES if config.mixing else None,
         )
     return train_ds, val_ds, len(arrays["train"][1])
@@ -132,12 +139,19 @@ def resolved_config(config, devices, paths, n_train):
     steps_per_epoch = config.steps_per_epoch or n_train // config.batch_size
     return {
         **settings.to_dict(config),
-        "precision": devices.precision, "jit_compile": devices.jit_compile,
-        "num_classes": data.NUM_CLASSES, "run_dir": paths.run_dir, "output": paths.output,
-        "strategy": distribute.strategy_name(devices.strategy), "replicas": devices.replicas,
-        "sync_bn": devices.sync_bn, "per_replica_batch": config.batch_size // devices.replicas,
-        "peak_lr": config.peak_lr, "steps_per_epoch": steps_per_epoch,
-        "total_steps": steps_per_epoch * config.epochs, "train_examples": n_train,
+        "precision": devices.precision,
+        "jit_compile": devices.jit_compile,
+        "num_classes": data.NUM_CLASSES,
+        "run_dir": paths.run_dir,
+        "output": paths.output,
+        "strategy": distribute.strategy_name(devices.strategy),
+        "replicas": devices.replicas,
+        "sync_bn": devices.sync_bn,
+        "per_replica_batch": config.batch_size // devices.replicas,
+        "peak_lr": config.peak_lr,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": steps_per_epoch * config.epochs,
+        "train_examples": n_train,
         "mixing": config.mixing,
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
     }
@@ -210,22 +224,36 @@ def build_and_compile(config, devices):
     with devices.strategy.scope():
         nam = config.model == "nam"
         model = build_resnet(
-            depth=config.depth, num_classes=data.NUM_CLASSES, attention="nam" if nam else None,
-            stem=config.stem, width=config.width, sync_bn=devices.sync_bn,
-            attention_kwargs={"spatial": config.spatial, "sparsity": config.sparsity,
-                              "stop_gradient": config.stop_gradient} if nam else None,
+            depth=config.depth,
+            num_classes=data.NUM_CLASSES,
+            attention="nam" if nam else None,
+            stem=config.stem,
+            width=config.width,
+            sync_bn=devices.sync_bn,
+            attention_kwargs={
+                "spatial": config.spatial,
+                "sparsity": config.sparsity,
+                "stop_gradient": config.stop_gradient,
+            }
+            if nam
+            else None,
         )
         optimizer = TorchSGD(learning_rate=0.0, momentum=config.momentum, l2=config.weight_decay)
         if config.mixing:
             loss = keras.losses.CategoricalCrossentropy(from_logits=True)
-            metrics = [keras.metrics.CategoricalAccuracy(name="top1"),
-                       keras.metrics.TopKCategoricalAccuracy(5, name="top5")]
+            metrics = [
+                keras.metrics.CategoricalAccuracy(name="top1"),
+                keras.metrics.TopKCategoricalAccuracy(5, name="top5"),
+            ]
         else:
             loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-            metrics = [keras.metrics.SparseCategoricalAccuracy(name="top1"),
-                       keras.metrics.SparseTopKCategoricalAccuracy(5, name="top5")]
-        model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
-                      jit_compile=devices.jit_compile)
+            metrics = [
+                keras.metrics.SparseCategoricalAccuracy(name="top1"),
+                keras.metrics.SparseTopKCategoricalAccuracy(5, name="top5"),
+            ]
+        model.compile(
+            optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=devices.jit_compile
+        )
     return model
 
 
@@ -236,8 +264,9 @@ def make_callbacks(config, paths, total_steps, resuming):
         callbacks.StopOnNonFiniteLoss(),
         keras.callbacks.CSVLogger(paths.log_csv, append=resuming),
         keras.callbacks.TensorBoard(paths.tensorboard),
-        keras.callbacks.BackupAndRestore(paths.backup, double_checkpoint=True,
-                                         delete_checkpoint=False),
+        keras.callbacks.BackupAndRestore(
+            paths.backup, double_checkpoint=True, delete_checkpoint=False
+        ),
     ]
 
 
@@ -246,8 +275,12 @@ def save_outputs(model, history, config, paths, started):
     io.save_model_atomic(model, paths.output)
     shutil.rmtree(paths.backup, ignore_errors=True)  # only once the model is safe
     logs = {k: float(v[-1]) for k, v in history.history.items()}
-    summary = {"output": paths.output, "epochs": config.epochs,
-               "seconds": round(time.time() - started, 1), **logs}
+    summary = {
+        "output": paths.output,
+        "epochs": config.epochs,
+        "seconds": round(time.time() - started, 1),
+        **logs,
+    }
     io.atomic_write_text(paths.summary_json, json.dumps(summary, indent=2) + "\n")
     return logs, summary
 
@@ -267,18 +300,26 @@ def _log_start(config, devices, resolved, resumed_epoch, backup):
         f"{total} steps, warmup {config.warmup_steps}"
     )
     if config.warmup_steps >= total:
-        logger.info(f"warning: --warmup-steps {config.warmup_steps} >= {total} total steps: "
-                    "the learning rate never reaches its peak")
+        logger.info(
+            f"warning: --warmup-steps {config.warmup_steps} >= {total} total steps: "
+            "the learning rate never reaches its peak"
+        )
     if resumed_epoch is not None:
-        logger.info(f"resuming from the backup in {backup}: {resumed_epoch} of {config.epochs} "
-                    "epochs done")
+        logger.info(
+            f"resuming from the backup in {backup}: {resumed_epoch} of {config.epochs} epochs done"
+        )
 
 
 def _log_done(model, config, logs, summary):
-    val = (f"val top-1 {logs['val_top1']:.2%}, top-5 {logs['val_top5']:.2%}"
-           if "val_top1" in logs else "no validation")
-    logger.info(f"done: {model.name}, {config.epochs} epochs in {summary['seconds']:.0f} s; "
-                f"train loss {logs['loss']:.4f}, {val}; model -> {summary['output']}")
+    val = (
+        f"val top-1 {logs['val_top1']:.2%}, top-5 {logs['val_top5']:.2%}"
+        if "val_top1" in logs
+        else "no validation"
+    )
+    logger.info(
+        f"done: {model.name}, {config.epochs} epochs in {summary['seconds']:.0f} s; "
+        f"train loss {logs['loss']:.4f}, {val}; model -> {summary['output']}"
+    )
 
 
 # ------------------------------------------------------------------ the run
@@ -309,9 +350,13 @@ def train(config):
     _log_start(config, devices, resolved, resumed_epoch, paths.backup)
     model = build_and_compile(config, devices)
     history = model.fit(
-        train_ds, epochs=config.epochs, steps_per_epoch=resolved["steps_per_epoch"],
-        validation_data=val_ds, validation_steps=config.val_steps,
-        validation_freq=config.val_freq or 1, verbose=config.verbose,
+        train_ds,
+        epochs=config.epochs,
+        steps_per_epoch=resolved["steps_per_epoch"],
+        validation_data=val_ds,
+        validation_steps=config.val_steps,
+        validation_freq=config.val_freq or 1,
+        verbose=config.verbose,
         callbacks=make_callbacks(config, paths, resolved["total_steps"], resumed_epoch is not None),
         shuffle=False,  # the pipeline shuffles, seeded, every epoch
     )

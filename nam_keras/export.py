@@ -12,7 +12,9 @@ from nam_keras.errors import ModelError
 
 def next_version(export_dir):
     """The next free integer version under `export_dir` (1 when empty)."""
-    versions = [int(n) for n in os.listdir(export_dir) if n.isdigit()] if os.path.isdir(export_dir) else []
+    versions = (
+        [int(n) for n in os.listdir(export_dir) if n.isdigit()] if os.path.isdir(export_dir) else []
+    )
     return max(versions, default=0) + 1
 
 
@@ -29,7 +31,9 @@ def export_saved_model(model, export_dir, verbose=False):
 
     export_dir = os.fspath(export_dir)
     if os.path.exists(export_dir) and not os.path.isdir(export_dir):
-        raise ModelError(f"export path {export_dir} is a file; expected a folder (its versions go in it).")
+        raise ModelError(
+            f"export path {export_dir} is a file; expected a folder (its versions go in it)."
+        )
     os.makedirs(export_dir, exist_ok=True)
     k = min(5, int(model.output_shape[-1]))
 
@@ -44,7 +48,8 @@ def export_saved_model(model, export_dir, verbose=False):
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(
-        "serving_default", serve,
+        "serving_default",
+        serve,
         input_signature=[tf.TensorSpec((None, *IMAGE_SHAPE), tf.uint8, name="images")],
     )
     tmp = tempfile.mkdtemp(dir=export_dir, prefix=".tmp-export-")

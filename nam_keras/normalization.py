@@ -13,8 +13,15 @@ BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
 
 
-def batch_normalization(name, axis=-1, synchronized=False, dtype=None, gamma_initializer="ones",
-                        epsilon=BN_EPSILON, momentum=BN_MOMENTUM):
+def batch_normalization(
+    name,
+    axis=-1,
+    synchronized=False,
+    dtype=None,
+    gamma_initializer="ones",
+    epsilon=BN_EPSILON,
+    momentum=BN_MOMENTUM,
+):
     """A `keras.layers.BatchNormalization` with the reference settings.
 
     Args:

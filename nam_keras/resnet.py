@@ -70,7 +70,9 @@ def conv2d(x, filters, kernel_size, strides, name, settings):
     """
     padding = "same"
     if strides > 1 and kernel_size > 1:
-        x = keras.layers.ZeroPadding2D(kernel_size // 2, name=f"{name}_pad", dtype=settings.dtype)(x)
+        x = keras.layers.ZeroPadding2D(kernel_size // 2, name=f"{name}_pad", dtype=settings.dtype)(
+            x
+        )
         padding = "valid"
     return keras.layers.Conv2D(
         filters,
@@ -90,6 +92,7 @@ def batch_norm(x, name, settings):
 
 
 def relu(x, name, settings):
+    """A ReLU layer."""
     return keras.layers.ReLU(name=name, dtype=settings.dtype)(x)
 
 

@@ -10,15 +10,30 @@ import tarfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import keras
+import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: The flags of a tiny, seconds-long train.py run (add --epochs etc.).
-TINY = ["--dataset", "synthetic", "--synthetic-size", "64", "16", "--depth", "18", "--width", "4",
-        "--batch-size", "8", "--precision", "float32", "--verbose", "2"]
+TINY = [
+    "--dataset",
+    "synthetic",
+    "--synthetic-size",
+    "64",
+    "16",
+    "--depth",
+    "18",
+    "--width",
+    "4",
+    "--batch-size",
+    "8",
+    "--precision",
+    "float32",
+    "--verbose",
+    "2",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -40,8 +55,14 @@ def tiny_args(tmp_path):
     """`tiny_args(*extra, name="run")`: TINY flags writing into `tmp_path`."""
 
     def make(*extra, name="run"):
-        return TINY + ["--run-dir", str(tmp_path / name),
-                       "--output", str(tmp_path / f"{name}.keras"), *extra]
+        return [
+            *TINY,
+            "--run-dir",
+            str(tmp_path / name),
+            "--output",
+            str(tmp_path / f"{name}.keras"),
+            *extra,
+        ]
 
     return make
 
@@ -53,9 +74,13 @@ def run_script():
 
     def start(script, args, env=None, **kwargs):
         return subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT,
+            [sys.executable, os.path.join(ROOT, script), *args],
+            cwd=ROOT,
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            **kwargs,
         )
 
     return start
@@ -76,8 +101,12 @@ def write_cifar_archive(path, n_train=6, n_test=4, seed=0, folder=False, drop=No
         chw = rng.integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)
         labels = rng.integers(0, 100, size=n).tolist()
         blobs[split] = pickle.dumps(
-            {b"data": chw.reshape(n, 3072), b"fine_labels": labels,
-             b"coarse_labels": [label // 5 for label in labels], b"filenames": [b"x.png"] * n},
+            {
+                b"data": chw.reshape(n, 3072),
+                b"fine_labels": labels,
+                b"coarse_labels": [label // 5 for label in labels],
+                b"filenames": [b"x.png"] * n,
+            },
             protocol=2,
         )
         expected[split] = (chw.transpose(0, 2, 3, 1), np.array(labels))
@@ -107,9 +136,11 @@ def make_cifar_archive():
 def all_layers(layer):
     """`layer` and every layer it holds, at any depth, through public attributes."""
     found = [layer]
-    children = layer.layers if isinstance(layer, keras.Model) else [
-        v for v in vars(layer).values() if isinstance(v, keras.layers.Layer)
-    ]
+    children = (
+        layer.layers
+        if isinstance(layer, keras.Model)
+        else [v for v in vars(layer).values() if isinstance(v, keras.layers.Layer)]
+    )
     for child in children:
         found.extend(all_layers(child))
     return found
@@ -127,10 +158,33 @@ def trained_model(tmp_path_factory):
     import train
 
     root = tmp_path_factory.mktemp("trained")
-    args = ["--dataset", "synthetic", "--synthetic-size", "64", "16", "--depth", "18",
-            "--width", "4", "--batch-size", "16", "--epochs", "1", "--steps-per-epoch", "2",
-            "--val-freq", "0", "--precision", "float32", "--verbose", "0",
-            "--run-dir", str(root / "run"), "--output", str(root / "nam.keras")]
+    args = [
+        "--dataset",
+        "synthetic",
+        "--synthetic-size",
+        "64",
+        "16",
+        "--depth",
+        "18",
+        "--width",
+        "4",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "2",
+        "--val-freq",
+        "0",
+        "--precision",
+        "float32",
+        "--verbose",
+        "0",
+        "--run-dir",
+        str(root / "run"),
+        "--output",
+        str(root / "nam.keras"),
+    ]
     assert train.main(args) == 0
     keras.mixed_precision.set_global_policy("float32")
     return root / "nam.keras"

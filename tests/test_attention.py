@@ -17,9 +17,9 @@ EPS = 1e-5
 
 def np_bn(x, axes, mean, var, gamma, beta):
     shape = [1] * x.ndim
-    feat = [a for a in range(x.ndim) if a not in axes][0]
+    feat = next(a for a in range(x.ndim) if a not in axes)
     shape[feat] = -1
-    r = lambda v: np.reshape(v, shape)  # noqa: E731
+    r = lambda v: np.reshape(v, shape)
     return (x - r(mean)) / np.sqrt(r(var) + EPS) * r(gamma) + r(beta)
 
 
@@ -45,7 +45,12 @@ def np_nam(x, cg, cb, cm, cv, sg=None, sb=None, sm=None, sv=None, training=True)
 
 
 def randomise(bn, rng, n):
-    vals = [rng.normal(size=n) * 2.0, rng.normal(size=n), rng.normal(size=n), rng.uniform(0.5, 2.0, n)]
+    vals = [
+        rng.normal(size=n) * 2.0,
+        rng.normal(size=n),
+        rng.normal(size=n),
+        rng.uniform(0.5, 2.0, n),
+    ]
     for var, val in zip([bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance], vals):
         var.assign(val.astype("float32"))
     return vals
@@ -188,7 +193,9 @@ def test_dtype_policies(rng, policy):
     assert keras.backend.standardize_dtype(penalty.dtype) == "float32"
     np.testing.assert_allclose(float(penalty), 1e-4 * 128000.0, rtol=1e-6)
     tol = {"float32": 1e-6, "mixed_float16": 1e-2, "mixed_bfloat16": 5e-2}[policy]
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(out).astype("float32"), want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(out).astype("float32"), want, rtol=tol, atol=tol
+    )
 
 
 def test_global_mixed_policy(rng):
@@ -201,13 +208,29 @@ def test_global_mixed_policy(rng):
 
 
 def test_config_round_trip():
-    layer = NAMAttention(spatial=True, channel=False, sparsity=2e-4, stop_gradient=True,
-                         epsilon=1e-3, momentum=0.8, synchronized=True, name="n")
+    layer = NAMAttention(
+        spatial=True,
+        channel=False,
+        sparsity=2e-4,
+        stop_gradient=True,
+        epsilon=1e-3,
+        momentum=0.8,
+        synchronized=True,
+        name="n",
+    )
     config = layer.get_config()
     json.dumps(config)  # JSON-only config
     clone = NAMAttention.from_config(config)
-    for key in ("channel", "spatial", "sparsity", "stop_gradient", "epsilon", "momentum",
-                "synchronized", "name"):
+    for key in (
+        "channel",
+        "spatial",
+        "sparsity",
+        "stop_gradient",
+        "epsilon",
+        "momentum",
+        "synchronized",
+        "name",
+    ):
         assert getattr(clone, key) == getattr(layer, key), key
     assert clone.get_config() == config
     assert clone.spatial_bn.momentum == 0.8 and clone.channel_bn is None

@@ -13,7 +13,7 @@ from nam_keras.optimizers import TorchSGD
 
 
 def test_warmup_cosine_values():
-    f = lambda s: callbacks.warmup_cosine(s, 0.1, 2000, 10001)  # noqa: E731
+    f = lambda s: callbacks.warmup_cosine(s, 0.1, 2000, 10001)
     assert f(0) == 0.0
     assert f(1000) == pytest.approx(0.05)
     assert f(2000) == pytest.approx(0.1)  # end of warmup = peak

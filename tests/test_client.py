@@ -3,6 +3,7 @@
 import http.server
 import json
 import threading
+import typing
 
 import numpy as np
 import pytest
@@ -11,16 +12,18 @@ from nam_keras import client
 
 
 class _StubServing(http.server.BaseHTTPRequestHandler):
-    received = []
+    received: typing.ClassVar[list] = []
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).received.append((self.path, self.headers["Content-Type"], body))
         n = len(body["instances"])
         probs = [[0.0] * 100 for _ in range(n)]
         for p in probs:
             p[3], p[30], p[55], p[8], p[99] = 0.5, 0.2, 0.1, 0.05, 0.04
-        reply = {"predictions": [{"probabilities": p, "top5_classes": [3, 30, 55, 8, 99]} for p in probs]}
+        reply = {
+            "predictions": [{"probabilities": p, "top5_classes": [3, 30, 55, 8, 99]} for p in probs]
+        }
         data = json.dumps(reply).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -50,8 +53,10 @@ def test_client_sends_the_tf_serving_rest_body(tmp_path, capsys):
         server.shutdown()
     path, content_type, body = _StubServing.received[-1]
     assert path == "/v1/models/nam:predict" and content_type == "application/json"
-    assert body == {"signature_name": "serving_default",
-                    "instances": [{"images": image.tolist()} for image in images]}
+    assert body == {
+        "signature_name": "serving_default",
+        "instances": [{"images": image.tolist()} for image in images],
+    }
     out = capsys.readouterr().out
     assert f"{paths[0]}: bear 50.0%, dolphin 20.0%, otter 10.0%, bicycle 5.0%, worm 4.0%" in out
 
@@ -63,4 +68,7 @@ def test_client_errors(tmp_path, capsys):
     bad.write_text("not an image")
     assert client.main([str(bad)]) == 2
     assert "not a readable image" in capsys.readouterr().err
-    assert client.predict_url("localhost:8501", "nam", 2) == "http://localhost:8501/v1/models/nam/versions/2:predict"
+    assert (
+        client.predict_url("localhost:8501", "nam", 2)
+        == "http://localhost:8501/v1/models/nam/versions/2:predict"
+    )

@@ -27,13 +27,14 @@ def test_archive_reader_decodes_chw_pixels(tmp_path, make_cifar_archive):
         arrays = data.read_cifar100_python(path)
     _assert_matches(arrays, expected)
     # a known pixel, by hand: image 0, row 1, column 2 = data[0][c*1024 + 1*32 + 2]
-    raw = pickle.loads(tarfile.open(path).extractfile("cifar-100-python/train").read(), encoding="bytes")
+    with tarfile.open(path) as tar:
+        raw = pickle.loads(tar.extractfile("cifar-100-python/train").read(), encoding="bytes")
     flat = raw[b"data"][0]
     assert arrays["train"][0][0, 1, 2].tolist() == [flat[34], flat[1024 + 34], flat[2048 + 34]]
 
 
 def test_archive_in_a_folder_and_extracted_folder(tmp_path, make_cifar_archive):
-    path, expected = make_cifar_archive(tmp_path / "cifar-100-python.tar.gz")
+    _path, expected = make_cifar_archive(tmp_path / "cifar-100-python.tar.gz")
     with pytest.warns(UserWarning):
         _assert_matches(data.read_cifar100_python(tmp_path), expected)
     folder, expected = make_cifar_archive(tmp_path / "x", folder=True)
@@ -72,14 +73,20 @@ def test_corrupt_archives_give_clear_errors(tmp_path, make_cifar_archive, breaka
     elif breakage in ("truncate", "garbage"):
         make_cifar_archive(path)
         blob = path.read_bytes()
-        path.write_bytes(blob[: len(blob) // 2] if breakage == "truncate" else b"not a tarball" * 100)
+        path.write_bytes(
+            blob[: len(blob) // 2] if breakage == "truncate" else b"not a tarball" * 100
+        )
     elif breakage == "missing":
         path = tmp_path / "nowhere.tar.gz"
     else:
         bodies = {
             "bad-pickle": b"\x80\x04garbage",
-            "bad-labels": pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [0, 100]}),
-            "bad-shape": pickle.dumps({b"data": np.zeros((2, 1024), np.uint8), b"fine_labels": [0, 1]}),
+            "bad-labels": pickle.dumps(
+                {b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [0, 100]}
+            ),
+            "bad-shape": pickle.dumps(
+                {b"data": np.zeros((2, 1024), np.uint8), b"fine_labels": [0, 1]}
+            ),
         }
         with tarfile.open(path, "w:gz") as tar:
             for name in ("train", "test"):
@@ -94,12 +101,15 @@ def test_corrupt_archives_give_clear_errors(tmp_path, make_cifar_archive, breaka
 def test_tfds_code_path_on_mock_data():
     import tensorflow_datasets as tfds
 
-    with tfds.testing.mock_data(num_examples=12):
-        with pytest.warns(UserWarning, match="subset"):
-            train, test = data.load_cifar100("cifar100")
+    with tfds.testing.mock_data(num_examples=12), pytest.warns(UserWarning, match="subset"):
+        train, test = data.load_cifar100("cifar100")
     images, labels = next(iter(train.batch(12)))
     assert images.shape == (12, 32, 32, 3) and images.dtype == tf.uint8
-    assert labels.dtype == tf.int32 and 0 <= int(tf.reduce_min(labels)) and int(tf.reduce_max(labels)) < 100
+    assert (
+        labels.dtype == tf.int32
+        and int(tf.reduce_min(labels)) >= 0
+        and int(tf.reduce_max(labels)) < 100
+    )
     assert int(test.cardinality()) == 12
 
 
@@ -144,10 +154,16 @@ def test_64_copies_of_one_image_come_out_different(rng):
 
 def test_crop_alone_is_an_integer_shift_with_zero_fill(rng):
     img = _image(rng)
-    out = data.augment_batch(np.repeat(img[None], 32, 0), tf.constant([5, 6], tf.int64), flip=False,
-                             rotation_deg=0.0, brightness=0.0, contrast=0.0).numpy()
+    out = data.augment_batch(
+        np.repeat(img[None], 32, 0),
+        tf.constant([5, 6], tf.int64),
+        flip=False,
+        rotation_deg=0.0,
+        brightness=0.0,
+        contrast=0.0,
+    ).numpy()
     padded = np.pad(img, ((4, 4), (4, 4), (0, 0)))
-    crops = {(dy, dx): padded[dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)}
+    crops = {(dy, dx): padded[dy : dy + 32, dx : dx + 32] for dy in range(9) for dx in range(9)}
     seen = set()
     for o in out:
         match = [k for k, c in crops.items() if np.array_equal(c, o)]
@@ -158,8 +174,14 @@ def test_crop_alone_is_an_integer_shift_with_zero_fill(rng):
 
 def test_flip_alone_mirrors_about_half(rng):
     img = _image(rng)
-    out = data.augment_batch(np.repeat(img[None], 64, 0), tf.constant([7, 8], tf.int64), pad=0,
-                             rotation_deg=0.0, brightness=0.0, contrast=0.0).numpy()
+    out = data.augment_batch(
+        np.repeat(img[None], 64, 0),
+        tf.constant([7, 8], tf.int64),
+        pad=0,
+        rotation_deg=0.0,
+        brightness=0.0,
+        contrast=0.0,
+    ).numpy()
     flipped = [np.array_equal(o, img[:, ::-1]) for o in out]
     same = [np.array_equal(o, img) for o in out]
     assert all(f or s for f, s in zip(flipped, same))
@@ -168,8 +190,15 @@ def test_flip_alone_mirrors_about_half(rng):
 
 def test_brightness_by_hand():
     img = np.full((1, 32, 32, 3), 100.0, "float32")
-    out = data.augment_batch(np.repeat(img, 256, 0), tf.constant([1, 1], tf.int64), pad=0, flip=False,
-                             rotation_deg=0.0, contrast=0.0, brightness=0.1).numpy()
+    out = data.augment_batch(
+        np.repeat(img, 256, 0),
+        tf.constant([1, 1], tf.int64),
+        pad=0,
+        flip=False,
+        rotation_deg=0.0,
+        contrast=0.0,
+        brightness=0.1,
+    ).numpy()
     factors = out[:, 0, 0, 0] / 100.0
     assert np.all(np.abs(out - out[:, :1, :1, :1]) < 1e-4)  # one factor per image
     assert factors.min() >= 0.9 - 1e-6 and factors.max() <= 1.1 + 1e-6
@@ -179,7 +208,7 @@ def test_brightness_by_hand():
 
 def test_same_seed_same_first_batch_and_reshuffled_epochs():
     train, _ = data.load_cifar100("synthetic", synthetic_sizes=(64, 8))
-    first = lambda ds: next(iter(ds))  # noqa: E731
+    first = lambda ds: next(iter(ds))
     a = data.train_pipeline(train, 16, seed=1)
     b = data.train_pipeline(train, 16, seed=1)
     c = data.train_pipeline(train, 16, seed=2)
@@ -193,7 +222,7 @@ def test_same_seed_same_first_batch_and_reshuffled_epochs():
 
 
 def test_eval_pipeline_is_never_augmented():
-    train, test = data.load_cifar100("synthetic", synthetic_sizes=(8, 10))
+    _train, test = data.load_cifar100("synthetic", synthetic_sizes=(8, 10))
     raw = np.stack([x.numpy() for x, _ in test])
     got = np.concatenate([x.numpy() for x, _ in data.eval_pipeline(test, 4)])
     assert got.shape == (10, 32, 32, 3)  # keeps the last partial batch

@@ -13,8 +13,12 @@ from nam_keras import distribute
 
 @pytest.mark.parametrize(
     "precision, cpu_bf16, want",
-    [("auto", True, "mixed_bfloat16"), ("auto", False, "float32"),
-     ("float32", True, "float32"), ("mixed_float16", False, "mixed_float16")],
+    [
+        ("auto", True, "mixed_bfloat16"),
+        ("auto", False, "float32"),
+        ("float32", True, "float32"),
+        ("mixed_float16", False, "mixed_float16"),
+    ],
 )
 def test_resolve_precision_on_cpus(monkeypatch, precision, cpu_bf16, want):
     monkeypatch.setattr(distribute, "_cpu_supports_bf16", lambda: cpu_bf16)
@@ -30,8 +34,9 @@ def test_resolve_jit():
 
 @pytest.mark.slow
 def test_mirrored_strategy_on_two_logical_cpus(tmp_path, tiny_args, run_script):
-    proc = run_script("train.py", tiny_args("--epochs", "1", "--steps-per-epoch", "2",
-                                          "--cpu-replicas", "2"))
+    proc = run_script(
+        "train.py", tiny_args("--epochs", "1", "--steps-per-epoch", "2", "--cpu-replicas", "2")
+    )
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert "strategy MirroredStrategy with 2 replica(s)" in out and "synchronised BN" in out
@@ -56,17 +61,23 @@ def test_multi_worker_mirrored_two_processes(tmp_path, tiny_args, run_script):
     procs = []
     for i in range(2):
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
-        procs.append(run_script(
-            "train.py", tiny_args("--epochs", "1", "--steps-per-epoch", "3", "--val-freq", "0",
-                      name=f"worker{i}"),
-            env={"TF_CONFIG": tf_config},
-        ))
+        procs.append(
+            run_script(
+                "train.py",
+                tiny_args(
+                    "--epochs", "1", "--steps-per-epoch", "3", "--val-freq", "0", name=f"worker{i}"
+                ),
+                env={"TF_CONFIG": tf_config},
+            )
+        )
     outs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out
         assert "strategy MultiWorkerMirroredStrategy with 2 replica(s)" in out
     # trainable weights, optimizer state and (synchronised) BN statistics alike
-    w0, w1 = (keras.models.load_model(tmp_path / f"worker{i}.keras").get_weights() for i in range(2))
+    w0, w1 = (
+        keras.models.load_model(tmp_path / f"worker{i}.keras").get_weights() for i in range(2)
+    )
     initial = nam_keras.build_resnet(depth=18, width=4)  # weights moved away from any init
     assert len(w0) == len(w1) == len(initial.get_weights())
     for a, b in zip(w0, w1):

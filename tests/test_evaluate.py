@@ -14,8 +14,18 @@ from nam_keras.data import CIFAR100_LABELS
 @pytest.mark.slow
 def test_evaluate_main_writes_every_field(trained_model, tmp_path, capsys):
     out = tmp_path / "report.json"
-    argv = [str(trained_model), "--dataset", "synthetic", "--synthetic-size", "16", "600", "--json", str(out),
-            "--plots", str(tmp_path / "plots")]
+    argv = [
+        str(trained_model),
+        "--dataset",
+        "synthetic",
+        "--synthetic-size",
+        "16",
+        "600",
+        "--json",
+        str(out),
+        "--plots",
+        str(tmp_path / "plots"),
+    ]
     assert evaluate.main(argv) == 0
     printed = capsys.readouterr().out
     assert "top-1" in printed and "NAM report: 8 NAM layers" in printed
@@ -23,7 +33,10 @@ def test_evaluate_main_writes_every_field(trained_model, tmp_path, capsys):
     test = report["test"]
     assert {"examples", "loss", "top1", "top5", "per_class_accuracy", "worst_classes"} <= set(test)
     assert test["examples"] == 600 and 0 <= test["top1"] <= test["top5"] <= 1
-    assert set(test["per_class_accuracy"]) <= set(CIFAR100_LABELS) and len(test["per_class_accuracy"]) > 90
+    assert (
+        set(test["per_class_accuracy"]) <= set(CIFAR100_LABELS)
+        and len(test["per_class_accuracy"]) > 90
+    )
     assert len(test["worst_classes"]) == 10
     assert len(report["nam"]["layers"]) == 8
     png = tmp_path / "plots" / "nam_weights.png"

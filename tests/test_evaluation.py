@@ -40,9 +40,17 @@ def test_nam_report_weights_are_gamma_over_sum(rng):
 
 
 def test_console_lines_of_the_reports():
-    test = {"examples": 3, "loss": 1.25, "top1": 0.5, "top5": 0.75,
-            "worst_classes": [{"class": "worm", "accuracy": 0.0}]}
+    test = {
+        "examples": 3,
+        "loss": 1.25,
+        "top1": 0.5,
+        "top5": 0.75,
+        "worst_classes": [{"class": "worm", "accuracy": 0.0}],
+    }
     assert evaluation.accuracy_lines("m", test) == [
-        "m on 3 test images: loss 1.2500, top-1 50.00%, top-5 75.00%", "worst classes: worm 0%"]
+        "m on 3 test images: loss 1.2500, top-1 50.00%, top-5 75.00%",
+        "worst classes: worm 0%",
+    ]
     assert evaluation.nam_lines(None, 0.1) == [
-        "NAM report: the model has no NAM layers (a baseline); nothing to report."]
+        "NAM report: the model has no NAM layers (a baseline); nothing to report."
+    ]

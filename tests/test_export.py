@@ -28,26 +28,58 @@ def _images(n=4, seed=0):
 
 def _keras_probabilities(path, images):
     model = keras.models.load_model(path)
-    return keras.ops.convert_to_numpy(keras.ops.softmax(model(images.astype("float32"), training=False)))
+    return keras.ops.convert_to_numpy(
+        keras.ops.softmax(model(images.astype("float32"), training=False))
+    )
 
 
 def test_saved_model_cli_shows_the_signature(exported):
-    out = subprocess.run([SAVED_MODEL_CLI, "show", "--dir", str(exported / "1"), "--all"],
-                         check=True, capture_output=True, text=True).stdout
-    sig = out[out.index("signature_def['serving_default']"):]
-    assert "inputs['images'] tensor_info:\n        dtype: DT_UINT8\n        shape: (-1, 32, 32, 3)" in sig
-    assert "outputs['probabilities'] tensor_info:\n        dtype: DT_FLOAT\n        shape: (-1, 100)" in sig
-    assert "outputs['top5_classes'] tensor_info:\n        dtype: DT_INT32\n        shape: (-1, 5)" in sig
+    out = subprocess.run(
+        [SAVED_MODEL_CLI, "show", "--dir", str(exported / "1"), "--all"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    sig = out[out.index("signature_def['serving_default']") :]
+    assert (
+        "inputs['images'] tensor_info:\n        dtype: DT_UINT8\n        shape: (-1, 32, 32, 3)"
+        in sig
+    )
+    assert (
+        "outputs['probabilities'] tensor_info:\n        dtype: DT_FLOAT\n        shape: (-1, 100)"
+        in sig
+    )
+    assert (
+        "outputs['top5_classes'] tensor_info:\n        dtype: DT_INT32\n        shape: (-1, 5)"
+        in sig
+    )
 
 
 def test_saved_model_predictions_equal_keras(trained_model, exported, tmp_path):
     images = _images()
     want = _keras_probabilities(trained_model, images)
     np.save(tmp_path / "images.npy", images)
-    subprocess.run([SAVED_MODEL_CLI, "run", "--dir", str(exported / "1"), "--tag_set", "serve",
-                    "--signature_def", "serving_default", "--inputs", f"images={tmp_path / 'images.npy'}",
-                    "--outdir", str(tmp_path / "out")], check=True, capture_output=True)
-    np.testing.assert_allclose(np.load(tmp_path / "out" / "probabilities.npy"), want, rtol=1e-4, atol=1e-6)
+    subprocess.run(
+        [
+            SAVED_MODEL_CLI,
+            "run",
+            "--dir",
+            str(exported / "1"),
+            "--tag_set",
+            "serve",
+            "--signature_def",
+            "serving_default",
+            "--inputs",
+            f"images={tmp_path / 'images.npy'}",
+            "--outdir",
+            str(tmp_path / "out"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    np.testing.assert_allclose(
+        np.load(tmp_path / "out" / "probabilities.npy"), want, rtol=1e-4, atol=1e-6
+    )
     top5 = np.load(tmp_path / "out" / "top5_classes.npy")
     np.testing.assert_array_equal(top5, np.argsort(-want, axis=1)[:, :5])
 
@@ -62,7 +94,11 @@ def test_wrong_images_are_rejected_by_the_signature(exported):
     errors = (TypeError, ValueError, tf.errors.InvalidArgumentError)
     with pytest.raises(errors, match="expected to be a uint8 tensor but is a float tensor"):
         serve(images=tf.constant(_images().astype("float32")))
-    with pytest.raises(errors, match=r"Shape of tensor .* \[2,28,28,3\] is not compatible with expected shape \[\?,32,32,3\]"):
+    with pytest.raises(
+        errors,
+        match=r"Shape of tensor .* \[2,28,28,3\] is not compatible with expected shape "
+        r"\[\?,32,32,3\]",
+    ):
         serve(images=tf.zeros((2, 28, 28, 3), tf.uint8))
 
 

@@ -28,8 +28,14 @@ def test_resnet50_exact_parameter_counts():
 
 def test_readme_one_liner():
     out = subprocess.run(
-        [sys.executable, "-c", "import nam_keras; m = nam_keras.build_resnet(); print(m.count_params())"],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import nam_keras; m = nam_keras.build_resnet(); print(m.count_params())",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     assert out.strip().splitlines()[-1] == "23818788"
 
@@ -51,7 +57,13 @@ def test_layer_names_are_readable_and_unique():
     model = build_resnet(depth=50, width=8)
     names = [layer.name for layer in model.layers]
     assert len(names) == len(set(names))
-    for name in ("stem_conv", "stage1_block1_proj_conv", "stage2_block3_nam", "stage4_block3_add", "logits"):
+    for name in (
+        "stem_conv",
+        "stage1_block1_proj_conv",
+        "stage2_block3_nam",
+        "stage4_block3_add",
+        "logits",
+    ):
         model.get_layer(name)
     with pytest.raises(ValueError):
         model.get_layer("stage4_block4_nam")

@@ -43,8 +43,19 @@ def test_train_main_end_to_end(tmp_path, tiny_args, run_script):
 
 @pytest.mark.slow
 def test_baseline_and_mixup(tmp_path, tiny_args, run_script):
-    args = tiny_args("--baseline", "--epochs", "1", "--steps-per-epoch", "1", "--mixup",
-                     "0.2", "--cutmix", "1.0", "--val-freq", "0")
+    args = tiny_args(
+        "--baseline",
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "1",
+        "--mixup",
+        "0.2",
+        "--cutmix",
+        "1.0",
+        "--val-freq",
+        "0",
+    )
     assert train.main(args) == 0
     model = keras.models.load_model(tmp_path / "run.keras")
     assert model.name == "resnet18_plain" and not nam_keras.nam_layers(model)
@@ -69,7 +80,9 @@ def test_kill_and_resume(tmp_path, tiny_args, run_script):
     proc = run_script("train.py", args)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
-    assert f"resuming from the backup in {tmp_path / 'run' / 'backup'}: {done} of 3 epochs done" in out
+    assert (
+        f"resuming from the backup in {tmp_path / 'run' / 'backup'}: {done} of 3 epochs done" in out
+    )
     ran = [line for line in out.splitlines() if line.startswith("Epoch ")]
     assert ran == [f"Epoch {e}/3" for e in range(done + 1, 4)]  # only the remaining epochs
     assert [r["epoch"] for r in read_csv(tmp_path / "run" / "log.csv")] == ["0", "1", "2"]
@@ -109,8 +122,9 @@ def test_unwritable_output(tmp_path, tiny_args, capsys):
 
 
 def test_batch_not_divisible_by_replicas(tmp_path, tiny_args, run_script):
-    proc = run_script("train.py", tiny_args("--epochs", "1", "--cpu-replicas", "2")
-                                + ["--batch-size", "7"])
+    proc = run_script(
+        "train.py", [*tiny_args("--epochs", "1", "--cpu-replicas", "2"), "--batch-size", "7"]
+    )
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2
     assert "--batch-size 7 (the global batch) is not divisible by the 2 replicas" in out
@@ -119,8 +133,20 @@ def test_batch_not_divisible_by_replicas(tmp_path, tiny_args, run_script):
 def test_nan_loss_stops_and_keeps_last_good_backup(tmp_path, tiny_args, capsys):
     # step 0 runs at LR 0 (warmup), step 1 at 1e30: the weights blow up and
     # the loss of step 2 (epoch 3) is NaN.
-    args = tiny_args("--epochs", "4", "--steps-per-epoch", "1", "--lr", "1e30",
-                     "--lr-scaling", "none", "--warmup-steps", "1", "--val-freq", "0")
+    args = tiny_args(
+        "--epochs",
+        "4",
+        "--steps-per-epoch",
+        "1",
+        "--lr",
+        "1e30",
+        "--lr-scaling",
+        "none",
+        "--warmup-steps",
+        "1",
+        "--val-freq",
+        "0",
+    )
     assert train.main(args) == 1
     err = capsys.readouterr().err
     assert "the training loss became nan" in err and "epoch 3" in err
@@ -131,11 +157,23 @@ def test_nan_loss_stops_and_keeps_last_good_backup(tmp_path, tiny_args, capsys):
 
 
 def test_resume_refuses_a_different_run(tmp_path, tiny_args, capsys):
-    args = tiny_args("--epochs", "4", "--steps-per-epoch", "1", "--lr", "1e30",
-                     "--lr-scaling", "none", "--warmup-steps", "1", "--val-freq", "0")
+    args = tiny_args(
+        "--epochs",
+        "4",
+        "--steps-per-epoch",
+        "1",
+        "--lr",
+        "1e30",
+        "--lr-scaling",
+        "none",
+        "--warmup-steps",
+        "1",
+        "--val-freq",
+        "0",
+    )
     assert train.main(args) == 1  # leaves a backup behind
     capsys.readouterr()
-    assert train.main(args + ["--baseline"]) == 2
+    assert train.main([*args, "--baseline"]) == 2
     assert "holds a backup of a different run" in capsys.readouterr().err
 
 
@@ -145,15 +183,25 @@ def test_train_and_evaluate_on_a_local_archive(tmp_path, tiny_args, make_cifar_a
     import evaluate
 
     archive, _ = make_cifar_archive(tmp_path / "cifar-100-python.tar.gz", n_train=32, n_test=20)
-    args = [a for a in tiny_args("--epochs", "1", "--steps-per-epoch", "2")]
+    args = list(tiny_args("--epochs", "1", "--steps-per-epoch", "2"))
     args[args.index("synthetic")] = "cifar100"
     with pytest.warns(UserWarning, match="subset"):
-        assert train.main(args + ["--data-dir", str(archive)]) == 0
+        assert train.main([*args, "--data-dir", str(archive)]) == 0
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["train_examples"] == 32 and config["data_dir"] == str(archive)
     with pytest.warns(UserWarning, match="subset"):
-        assert evaluate.main([str(tmp_path / "run.keras"), "--data-dir", str(archive),
-                              "--json", str(tmp_path / "r.json")]) == 0
+        assert (
+            evaluate.main(
+                [
+                    str(tmp_path / "run.keras"),
+                    "--data-dir",
+                    str(archive),
+                    "--json",
+                    str(tmp_path / "r.json"),
+                ]
+            )
+            == 0
+        )
     assert json.loads((tmp_path / "r.json").read_text())["test"]["examples"] == 20
 
 

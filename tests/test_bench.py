@@ -1,0 +1,56 @@
+"""The benchmarks' harness: hand-written NAM variants are checked against the layer."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from nam_keras import NAMAttention
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(BENCH)
+    import harness
+    import nam_layer
+
+    return harness, nam_layer
+
+
+def _nam(shape, rng):
+    layer = NAMAttention()
+    layer.build(shape)
+    layer.channel_bn.gamma.assign(rng.uniform(0.2, 2.0, shape[-1]).astype("float32"))
+    return layer
+
+
+def test_every_variant_of_the_layer_bench_equals_nam_attention(bench, rng):
+    harness, nam_layer = bench
+    x = tf.constant(rng.normal(size=(4, 5, 5, 8)).astype("float32"))
+    for variant in nam_layer.VARIANTS.values():
+        harness.check_against_nam(variant, _nam(x.shape, rng), x)
+
+
+def test_a_wrong_variant_is_refused(bench, rng):
+    harness, _ = bench
+    x = tf.constant(rng.normal(size=(4, 5, 5, 8)).astype("float32"))
+
+    def unweighted(x, gamma, beta):  # forgets w = |gamma| / sum |gamma|
+        mean, var = tf.nn.moments(x, [0, 1, 2])
+        return tf.sigmoid(tf.nn.batch_normalization(x, mean, var, beta, gamma, 1e-5)) * x
+
+    with pytest.raises(AssertionError, match="output differs"):
+        harness.check_against_nam(unweighted, _nam(x.shape, rng), x)
+
+
+def test_layer_bench_runs_in_seconds(bench, tmp_path):
+    _, nam_layer = bench
+    out = tmp_path / "nam_layer.json"
+    rows = nam_layer.main(
+        ["--shape", "2", "4", "4", "8", "--steps", "1", "--warmup", "0", "--json", str(out)]
+    )
+    assert "NAMAttention as shipped" in rows and all(np.isfinite(list(rows.values())))
+    assert out.read_text().startswith("{")
