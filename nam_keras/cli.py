@@ -67,7 +67,9 @@ def build_parser(config_class, prog, description):
         prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     groups = {}
-    for field in dataclasses.fields(config_class):
+    # the data options (shared by every command line) come last in --help
+    fields = sorted(dataclasses.fields(config_class), key=lambda f: f.metadata["group"] == "data")
+    for field in fields:
         _add_field(parser, groups, field)
     return parser
 

@@ -17,23 +17,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: The flags of a tiny, seconds-long train.py run (add --epochs etc.).
-TINY = [
-    "--dataset",
-    "synthetic",
-    "--synthetic-size",
-    "64",
-    "16",
-    "--depth",
-    "18",
-    "--width",
-    "4",
-    "--batch-size",
-    "8",
-    "--precision",
-    "float32",
-    "--verbose",
-    "2",
-]
+TINY = "--dataset synthetic --synthetic-size 64 16 --depth 18 --width 4 --batch-size 8".split()
+TINY += ["--precision", "float32", "--verbose", "2"]
 
 
 @pytest.fixture(autouse=True)
@@ -158,33 +143,8 @@ def trained_model(tmp_path_factory):
     import train
 
     root = tmp_path_factory.mktemp("trained")
-    args = [
-        "--dataset",
-        "synthetic",
-        "--synthetic-size",
-        "64",
-        "16",
-        "--depth",
-        "18",
-        "--width",
-        "4",
-        "--batch-size",
-        "16",
-        "--epochs",
-        "1",
-        "--steps-per-epoch",
-        "2",
-        "--val-freq",
-        "0",
-        "--precision",
-        "float32",
-        "--verbose",
-        "0",
-        "--run-dir",
-        str(root / "run"),
-        "--output",
-        str(root / "nam.keras"),
-    ]
+    more = "--batch-size 16 --epochs 1 --steps-per-epoch 2 --val-freq 0 --verbose 0".split()
+    args = [*TINY, *more, "--run-dir", str(root / "run"), "--output", str(root / "nam.keras")]
     assert train.main(args) == 0
     keras.mixed_precision.set_global_policy("float32")
     return root / "nam.keras"

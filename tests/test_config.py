@@ -38,20 +38,8 @@ def test_every_field_has_a_flag_and_help():
 
 
 def test_flags_reach_the_config():
-    argv = [
-        "--baseline",
-        "--depth",
-        "18",
-        "--synthetic-size",
-        "10",
-        "5",
-        "--no-sync-bn",
-        "--no-resume",
-        "--mixup",
-        "0.2",
-        "--seed",
-        "7",
-    ]
+    argv = "--baseline --depth 18 --synthetic-size 10 5 --no-sync-bn --no-resume".split()
+    argv += ["--mixup", "0.2", "--seed", "7"]
     c = cli.parse_config(TrainConfig, argv, "train.py", "")
     assert (c.model, c.depth, c.synthetic_size, c.sync_bn, c.resume) == (
         "baseline",
@@ -81,22 +69,6 @@ def test_programmatic_configs_are_validated_like_flags(kwargs, message):
     with pytest.raises(ConfigError) as info:
         TrainConfig(**kwargs)
     assert message in str(info.value)
-
-
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["--seed", "-1"], "argument --seed: expected an integer in [0, 4294967295], received -1"),
-        (["--cutmix", "inf"], "argument --cutmix: expected a finite number >= 0, received inf"),
-        (["--val-freq", "-2"], "argument --val-freq: expected an integer >= 0, received -2"),
-        (["--momentum", "1"], "argument --momentum: expected a number in [0, 1), received 1.0"),
-    ],
-)
-def test_bad_flags_exit_2_naming_the_flag(argv, message, capsys):
-    with pytest.raises(SystemExit) as info:
-        train.main(argv)
-    assert info.value.code == 2
-    assert message in capsys.readouterr().err
 
 
 def test_eval_config_checks_near_zero():

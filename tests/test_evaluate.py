@@ -14,18 +14,8 @@ from nam_keras.data import CIFAR100_LABELS
 @pytest.mark.slow
 def test_evaluate_main_writes_every_field(trained_model, tmp_path, capsys):
     out = tmp_path / "report.json"
-    argv = [
-        str(trained_model),
-        "--dataset",
-        "synthetic",
-        "--synthetic-size",
-        "16",
-        "600",
-        "--json",
-        str(out),
-        "--plots",
-        str(tmp_path / "plots"),
-    ]
+    argv = [str(trained_model), "--dataset", "synthetic", "--synthetic-size", "16", "600"]
+    argv += ["--json", str(out), "--plots", str(tmp_path / "plots")]
     assert evaluate.main(argv) == 0
     printed = capsys.readouterr().out
     assert "top-1" in printed and "NAM report: 8 NAM layers" in printed

@@ -13,6 +13,11 @@ import pytest
 import nam_keras
 import train
 
+# step 0 runs at LR 0 (warmup), step 1 at 1e30: the weights blow up and the
+# loss of step 2 (epoch 3) is NaN, after two good epochs are backed up.
+DIVERGING = "--epochs 4 --steps-per-epoch 1 --lr 1e30 --lr-scaling none --warmup-steps 1".split()
+DIVERGING += ["--val-freq", "0"]
+
 
 def read_csv(path):
     with open(path, newline="") as f:
@@ -43,19 +48,8 @@ def test_train_main_end_to_end(tmp_path, tiny_args, run_script):
 
 @pytest.mark.slow
 def test_baseline_and_mixup(tmp_path, tiny_args, run_script):
-    args = tiny_args(
-        "--baseline",
-        "--epochs",
-        "1",
-        "--steps-per-epoch",
-        "1",
-        "--mixup",
-        "0.2",
-        "--cutmix",
-        "1.0",
-        "--val-freq",
-        "0",
-    )
+    mixing = "--mixup 0.2 --cutmix 1.0 --val-freq 0".split()
+    args = tiny_args("--baseline", "--epochs", "1", "--steps-per-epoch", "1", *mixing)
     assert train.main(args) == 0
     model = keras.models.load_model(tmp_path / "run.keras")
     assert model.name == "resnet18_plain" and not nam_keras.nam_layers(model)
@@ -102,6 +96,10 @@ def test_kill_and_resume(tmp_path, tiny_args, run_script):
         (["--batch-size", "-3"], "--batch-size: expected a positive integer"),
         (["--sparsity", "-1"], "--sparsity: expected a number >= 0"),
         (["--depth", "20"], "--depth: invalid choice: 20"),
+        (["--seed", "-1"], "argument --seed: expected an integer in [0, 4294967295], received -1"),
+        (["--cutmix", "inf"], "argument --cutmix: expected a finite number >= 0, received inf"),
+        (["--val-freq", "-2"], "argument --val-freq: expected an integer >= 0, received -2"),
+        (["--momentum", "1"], "argument --momentum: expected a number in [0, 1), received 1.0"),
     ],
 )
 def test_bad_flags_exit_2_with_message(argv, message, capsys):
@@ -131,22 +129,7 @@ def test_batch_not_divisible_by_replicas(tmp_path, tiny_args, run_script):
 
 
 def test_nan_loss_stops_and_keeps_last_good_backup(tmp_path, tiny_args, capsys):
-    # step 0 runs at LR 0 (warmup), step 1 at 1e30: the weights blow up and
-    # the loss of step 2 (epoch 3) is NaN.
-    args = tiny_args(
-        "--epochs",
-        "4",
-        "--steps-per-epoch",
-        "1",
-        "--lr",
-        "1e30",
-        "--lr-scaling",
-        "none",
-        "--warmup-steps",
-        "1",
-        "--val-freq",
-        "0",
-    )
+    args = tiny_args(*DIVERGING)
     assert train.main(args) == 1
     err = capsys.readouterr().err
     assert "the training loss became nan" in err and "epoch 3" in err
@@ -157,20 +140,7 @@ def test_nan_loss_stops_and_keeps_last_good_backup(tmp_path, tiny_args, capsys):
 
 
 def test_resume_refuses_a_different_run(tmp_path, tiny_args, capsys):
-    args = tiny_args(
-        "--epochs",
-        "4",
-        "--steps-per-epoch",
-        "1",
-        "--lr",
-        "1e30",
-        "--lr-scaling",
-        "none",
-        "--warmup-steps",
-        "1",
-        "--val-freq",
-        "0",
-    )
+    args = tiny_args(*DIVERGING)
     assert train.main(args) == 1  # leaves a backup behind
     capsys.readouterr()
     assert train.main([*args, "--baseline"]) == 2
