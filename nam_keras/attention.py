@@ -100,6 +100,14 @@ class NAMAttention(keras.layers.Layer):
             Defaults to `0.9`.
         synchronized: compute the BN batch statistics over all replicas of a
             `tf.distribute` strategy (TensorFlow backend). Defaults to `False`.
+        float32_gate: under a mixed precision policy, compute the gate
+            `sigmoid(w * y)` and the product with `x` in float32 and return
+            float32. At initialisation `w = 1/C`, so the gate is 0.5 plus
+            about `1e-4`: a bfloat16 gate or output rounds that modulation
+            away (float16 keeps part of it), and NAM would be a constant 0.5
+            until its weights become peaked. `build_resnet` then keeps the
+            block's addition and ReLU in float32 too. The BN itself still
+            runs in the compute dtype. Defaults to `True`.
         **kwargs: base layer arguments (`name`, `dtype`, `trainable`, ...).
 
     Call arguments:
@@ -108,7 +116,8 @@ class NAMAttention(keras.layers.Layer):
             and updates the moving ones, `False` uses the moving statistics.
 
     Returns:
-        The gated feature map, same shape, in the layer's compute dtype.
+        The gated feature map, same shape: float32 when `float32_gate` (the
+        default), else the layer's compute dtype.
 
     Example:
 
@@ -130,6 +139,7 @@ class NAMAttention(keras.layers.Layer):
         epsilon=BN_EPSILON,
         momentum=BN_MOMENTUM,
         synchronized=False,
+        float32_gate=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -158,6 +168,7 @@ class NAMAttention(keras.layers.Layer):
         self.epsilon = float(epsilon)
         self.momentum = float(momentum)
         self.synchronized = bool(synchronized)
+        self.float32_gate = bool(float32_gate)
 
         def bn(name, axis):
             return batch_normalization(
@@ -217,16 +228,26 @@ class NAMAttention(keras.layers.Layer):
         return out
 
     def _gate(self, x, bn, training):
-        """`sigmoid(w * bn(x)) * x` with `w` along `bn`'s feature axis."""
-        y = bn(x, training=training)
+        """`sigmoid(w * bn(x)) * x` with `w` along `bn`'s feature axis.
+
+        `bn` returns `w * BN(x)` itself (`scale_factor`): on TensorFlow its
+        fused kernel folds `w` into gamma and beta, so the BN, the weighting
+        and its gradient cost one kernel each way; elsewhere it is the plain
+        formula `w * bn(x)`.
+        """
         w = self._weights_from(bn.gamma)
         if self.stop_gradient:
             w = ops.stop_gradient(w)
-        w = ops.cast(w, self.compute_dtype)
         rank = len(x.shape)
         if bn.axis % rank != rank - 1:
             w = ops.expand_dims(w, -1)  # pixel BN: (H*W, 1) against (N, H*W, C)
-        return ops.sigmoid(w * y) * x
+        z = bn(x, training=training, scale_factor=w)
+        return ops.sigmoid(ops.cast(z, self.gate_dtype)) * ops.cast(x, self.gate_dtype)
+
+    @property
+    def gate_dtype(self):
+        """The dtype of the gate, the product and the output."""
+        return "float32" if self.float32_gate else self.compute_dtype
 
     def call(self, inputs, training=None):
         x = ops.cast(inputs, self.compute_dtype)
@@ -247,6 +268,9 @@ class NAMAttention(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
 
+    def compute_output_spec(self, inputs, training=None):
+        return keras.KerasTensor(inputs.shape, dtype=self.gate_dtype)
+
     def get_config(self):
         config = super().get_config()
         config.update(
@@ -258,6 +282,7 @@ class NAMAttention(keras.layers.Layer):
                 "epsilon": self.epsilon,
                 "momentum": self.momentum,
                 "synchronized": self.synchronized,
+                "float32_gate": self.float32_gate,
             }
         )
         return config

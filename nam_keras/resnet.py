@@ -107,6 +107,18 @@ def apply_shortcut(x, out_channels, strides, name, settings):
     return batch_norm(x, f"{name}_proj_bn", settings)
 
 
+def stream_dtype(x, settings):
+    """The dtype policy for layers on the residual stream after `x`.
+
+    The network's policy, except where `x` is float32 under a mixed policy
+    (NAM's `float32_gate` output): then float32, so that the addition, the
+    ReLU and the pooling do not round NAM's small modulation away.
+    """
+    policy = keras.DTypePolicy(settings.dtype) if settings.dtype else keras.config.dtype_policy()
+    wider = keras.backend.standardize_dtype(x.dtype) == "float32" != policy.compute_dtype
+    return "float32" if wider else settings.dtype
+
+
 def apply_block_output(x, residual, strides, name, settings):
     """Attention on the residual branch, the shortcut of the block input `x`,
     the addition and the final ReLU."""
@@ -115,8 +127,9 @@ def apply_block_output(x, residual, strides, name, settings):
         layer_name = f"{name}_{settings.attention_tag}"
         residual = settings.attention(out_channels, layer_name)(residual)
     shortcut = apply_shortcut(x, out_channels, strides, name, settings)
-    y = keras.layers.Add(name=f"{name}_add", dtype=settings.dtype)([residual, shortcut])
-    return relu(y, f"{name}_out", settings)
+    dtype = stream_dtype(residual, settings)
+    y = keras.layers.Add(name=f"{name}_add", dtype=dtype)([residual, shortcut])
+    return keras.layers.ReLU(name=f"{name}_out", dtype=dtype)(y)
 
 
 def apply_basic_block(x, filters, strides, name, settings):
@@ -311,7 +324,7 @@ def build_resnet(
     for s, (blocks, stage_width, strides) in enumerate(stages, start=1):
         filters = stage_width * width // 64
         x = apply_stage(x, kind, filters, blocks, strides, f"stage{s}", settings)
-    x = keras.layers.GlobalAveragePooling2D(name="avg_pool", dtype=dtype)(x)
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool", dtype=stream_dtype(x, settings))(x)
     outputs = keras.layers.Dense(
         num_classes,
         kernel_initializer=DENSE_INIT,

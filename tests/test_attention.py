@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nam_keras import NAMAttention
+from nam_keras import NAMAttention, build_resnet
 
 EPS = 1e-5
 
@@ -187,7 +187,9 @@ def test_dtype_policies(rng, policy):
     layer.build(x.shape)
     layer.channel_bn.gamma.assign(big)
     out = layer(x, training=False)
-    assert keras.backend.standardize_dtype(out.dtype) == keras.DTypePolicy(policy).compute_dtype
+    # float32_gate (the default): the gate, the product and the output in float32
+    assert keras.backend.standardize_dtype(out.dtype) == "float32"
+    assert layer.compute_dtype == keras.DTypePolicy(policy).compute_dtype
     assert layer.channel_bn.gamma.dtype == "float32"
     (penalty,) = layer.losses
     assert keras.backend.standardize_dtype(penalty.dtype) == "float32"
@@ -202,8 +204,12 @@ def test_global_mixed_policy(rng):
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     layer = NAMAttention(spatial=True)
     out = layer(rng.normal(size=(2, 4, 4, 8)).astype("float32"), training=True)
-    assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+    assert keras.backend.standardize_dtype(out.dtype) == "float32"  # float32_gate
     assert layer.channel_bn.dtype_policy.name == "mixed_bfloat16"
+    assert layer.spatial_bn.dtype_policy.name == "mixed_bfloat16"
+    legacy = NAMAttention(spatial=True, float32_gate=False)
+    out = legacy(rng.normal(size=(2, 4, 4, 8)).astype("float32"), training=True)
+    assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
     assert keras.backend.standardize_dtype(layer.losses[0].dtype) == "float32"
 
 
@@ -292,3 +298,101 @@ def test_negative_sparsity(bad):
 def test_needs_channel_or_spatial():
     with pytest.raises(ValueError, match="channel=True, spatial=True or both"):
         NAMAttention(channel=False, spatial=False)
+
+
+# ------------------------------------------------------------------ the fast path
+
+
+def _nam_pair(shape, rng, **kwargs):
+    """The fast NAM (fused BN with w folded in) and the keras.ops reference."""
+    fast, ref = NAMAttention(**kwargs), NAMAttention(**kwargs)
+    for layer in (fast, ref):
+        layer.build(shape)
+    ref.channel_bn.fused = False
+    values = randomise(fast.channel_bn, rng, shape[-1])
+    for var, value in zip(
+        (
+            ref.channel_bn.gamma,
+            ref.channel_bn.beta,
+            ref.channel_bn.moving_mean,
+            ref.channel_bn.moving_variance,
+        ),
+        values,
+    ):
+        var.assign(value.astype("float32"))
+    return fast, ref
+
+
+def _run(layer, x, training):
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        out = layer(x, training=training)
+        (penalty,) = layer.losses
+        loss = tf.reduce_sum(tf.cast(out, "float32") * tf.cos(tf.cast(out, "float32"))) + penalty
+    bn = layer.channel_bn
+    grads = tape.gradient(loss, [x, bn.gamma, bn.beta])
+    return [np.asarray(tf.cast(t, "float32")) for t in (out, penalty, *grads)]
+
+
+@pytest.mark.parametrize("stop_gradient", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_fast_path_equals_the_keras_ops_formula(rng, stop_gradient, training):
+    x = tf.constant(rng.normal(1.0, 3.0, size=(4, 5, 6, 7)).astype("float32"))
+    fast, ref = _nam_pair(x.shape, rng, stop_gradient=stop_gradient)
+    got, want = _run(fast, x, training), _run(ref, x, training)
+    names = ("output", "penalty", "d/dx", "d/dgamma (penalty included)", "d/dbeta")
+    for name, a, b in zip(names, got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(
+        fast.channel_bn.moving_variance.numpy(), ref.channel_bn.moving_variance.numpy(), rtol=1e-5
+    )
+
+
+def test_fast_path_is_one_fused_kernel_and_one_gate(rng):
+    x = tf.constant(rng.normal(size=(2, 4, 4, 8)).astype("float32"))
+    layer = NAMAttention()
+    fn = tf.function(lambda t: layer(t, training=True))
+    graph_ops = [op.type for op in fn.get_concrete_function(x).graph.get_operations()]
+    assert graph_ops.count("FusedBatchNormV3") == 1
+    assert "Mean" not in graph_ops and "SquaredDifference" not in graph_ops
+
+
+# ------------------------------------------------------------------ mixed precision
+
+
+def _modulation(policy, x, gamma, **kwargs):
+    """NAM's modulation `out / x - 0.5` under `policy` (x as the layer sees it)."""
+    layer = NAMAttention(dtype=policy, **kwargs)
+    layer.build(x.shape)
+    layer.channel_bn.gamma.assign(gamma)
+    seen = tf.cast(tf.cast(x, layer.compute_dtype), "float32")
+    out = tf.cast(layer(x, training=True), "float32")
+    return (out / seen - 0.5).numpy().ravel()
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_keeps_the_modulation_at_initialisation(rng, policy):
+    """At initialisation (C = 2048, every gamma 1: w = 1/C) the gate is
+    0.5 + ~1e-4. A 16-bit gate and output round that away (bfloat16: no
+    correlation with float32's at all); the float32 gate keeps it."""
+    x = tf.constant(rng.normal(size=(4, 4, 4, 2048)).astype("float32"))
+    gamma = np.ones(2048, "float32")
+    want = _modulation("float32", x, gamma)
+    got = _modulation(policy, x, gamma)
+    assert np.corrcoef(got, want)[0, 1] > 0.999
+    rounded = _modulation(policy, x, gamma, float32_gate=False)  # the former behaviour
+    if policy == "mixed_bfloat16":  # every gate rounds to exactly 0.5
+        assert not np.any(rounded)
+
+
+def test_float32_gate_keeps_the_residual_stream_float32_in_the_network():
+    model = build_resnet(depth=18, width=8, dtype="mixed_bfloat16")
+    for name in ("stage1_block1_nam", "stage1_block1_add", "stage4_block2_out", "avg_pool"):
+        assert model.get_layer(name).output.dtype == "float32", name
+    assert model.get_layer("stage2_block1_conv1").compute_dtype == "bfloat16"
+    plain = build_resnet(depth=18, width=8, dtype="mixed_bfloat16", attention=None)
+    assert plain.get_layer("stage1_block1_add").output.dtype == "bfloat16"
+    legacy = build_resnet(
+        depth=18, width=8, dtype="mixed_bfloat16", attention_kwargs={"float32_gate": False}
+    )
+    assert legacy.get_layer("stage1_block1_add").output.dtype == "bfloat16"

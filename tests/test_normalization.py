@@ -1,13 +1,21 @@
-"""The one BatchNormalization factory: reference settings, passed-through options."""
+"""The network's BatchNormalization: the factory, and the fused kernel against Keras' own."""
 
 import keras
 import numpy as np
+import pytest
+import tensorflow as tf
 
-from nam_keras.normalization import BN_EPSILON, BN_MOMENTUM, batch_normalization
+from nam_keras.normalization import (
+    BN_EPSILON,
+    BN_MOMENTUM,
+    FusedBatchNormalization,
+    batch_normalization,
+)
 
 
 def test_reference_settings_and_options():
     bn = batch_normalization("bn")
+    assert isinstance(bn, FusedBatchNormalization)
     assert isinstance(bn, keras.layers.BatchNormalization)
     assert (bn.epsilon, bn.momentum, bn.axis, bn.synchronized) == (1e-5, 0.9, -1, False)
     assert (BN_EPSILON, BN_MOMENTUM) == (1e-5, 0.9)
@@ -24,3 +32,105 @@ def test_training_output_by_hand(rng):
     y = batch_normalization("bn")(x, training=True)
     want = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ the fused kernel
+
+POLICIES = {"float32": 1e-5, "mixed_float16": 2e-3, "mixed_bfloat16": 2e-2}
+
+
+def _pair(shape, policy, rng, momentum=0.9):
+    """A fused BN and Keras' own, same weights, same (non-trivial) state."""
+    fused = FusedBatchNormalization(epsilon=1e-5, momentum=momentum, dtype=policy)
+    plain = keras.layers.BatchNormalization(epsilon=1e-5, momentum=momentum, dtype=policy)
+    for layer in (fused, plain):
+        layer.build(shape)
+    c = shape[-1]
+    values = [
+        rng.uniform(0.5, 2.0, c),
+        rng.normal(size=c),
+        rng.normal(size=c),
+        rng.uniform(0.5, 2.0, c),
+    ]
+    for layer in (fused, plain):
+        for var, value in zip(
+            (layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance), values
+        ):
+            var.assign(value.astype("float32"))
+    return fused, plain
+
+
+def _forward_backward(layer, x, training):
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        out = layer(x, training=training)
+        loss = tf.reduce_sum(tf.cast(out, "float32") * tf.cos(tf.cast(out, "float32")))
+    grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
+    return [np.asarray(tf.cast(t, "float32")) for t in (out, *grads)]
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_equals_keras_batch_normalization(rng, policy, training):
+    x = tf.constant((3.0 + 2.0 * rng.normal(size=(4, 5, 6, 8))).astype("float32"))
+    fused, plain = _pair(x.shape, policy, rng)
+    tol = POLICIES[policy]
+    got, want = _forward_backward(fused, x, training), _forward_backward(plain, x, training)
+    assert got[0].dtype == want[0].dtype
+    for name, a, b in zip(("output", "d/dx", "d/dgamma", "d/dbeta"), got, want):
+        scale = max(1.0, float(np.abs(b).max()))
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * scale, err_msg=name)
+    # moving statistics: the same update, biased variance, Keras' momentum
+    np.testing.assert_allclose(fused.moving_mean.numpy(), plain.moving_mean.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(
+        fused.moving_variance.numpy(), plain.moving_variance.numpy(), rtol=1e-5
+    )
+
+
+def test_moving_variance_is_the_biased_batch_variance(rng):
+    x = rng.normal(size=(2, 3, 3, 4)).astype("float32")
+    bn = FusedBatchNormalization(epsilon=1e-5, momentum=0.0)  # moving = this batch
+    bn(x, training=True)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), x.mean((0, 1, 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), x.var((0, 1, 2)), rtol=1e-5)
+
+
+def _op_types(layer, x, training):
+    fn = tf.function(lambda t: layer(t, training=training))
+    return {op.type for op in fn.get_concrete_function(x).graph.get_operations()}
+
+
+def test_the_kernel_is_used_only_where_it_applies(rng):
+    x = tf.constant(rng.normal(size=(2, 4, 4, 8)).astype("float32"))
+    for training in (True, False):
+        ops_used = _op_types(FusedBatchNormalization(), x, training)
+        assert "FusedBatchNormV3" in ops_used and "Mean" not in ops_used
+    assert "FusedBatchNormV3" not in _op_types(FusedBatchNormalization(fused=False), x, True)
+    assert "FusedBatchNormV3" not in _op_types(FusedBatchNormalization(synchronized=True), x, True)
+    flat = tf.reshape(x, (2, 16, 8))
+    assert "FusedBatchNormV3" not in _op_types(FusedBatchNormalization(axis=1), flat, True)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_scale_factor_is_folded_into_gamma_and_beta(rng, training):
+    x = tf.constant(rng.normal(size=(4, 3, 3, 6)).astype("float32"))
+    factor = tf.Variable(rng.uniform(0.1, 1.0, 6).astype("float32"))
+    results = []
+    for fused in (None, False):
+        bn = FusedBatchNormalization(fused=fused)
+        bn.build(x.shape)
+        bn.gamma.assign(np.linspace(0.5, 2.0, 6).astype("float32"))
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            out = bn(x, training=training, scale_factor=factor)
+            loss = tf.reduce_sum(out * tf.cos(out))
+        results.append([out, *tape.gradient(loss, [x, bn.gamma, bn.beta, factor])])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_config_round_trip_keeps_fused():
+    bn = FusedBatchNormalization(fused=False, name="bn", epsilon=1e-5)
+    clone = FusedBatchNormalization.from_config(bn.get_config())
+    assert clone.fused is False and clone.epsilon == 1e-5
+    assert set(keras.layers.BatchNormalization().get_config()) | {"fused"} == set(bn.get_config())
