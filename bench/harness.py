@@ -121,14 +121,19 @@ def train_step_fn(model, x, y):
     return step
 
 
-def compiled_resnet(depth, width, precision, xla, attention="nam"):
+def compiled_resnet(depth, width, precision, xla, attention="nam", attention_kwargs=None):
     """A fresh ResNet under `precision`, compiled for training as train.py does."""
     from nam_keras import TorchSGD, build_resnet
 
     keras.backend.clear_session()
     keras.mixed_precision.set_global_policy(precision)
     keras.utils.set_random_seed(0)
-    model = build_resnet(depth=depth, width=width, attention=attention)
+    model = build_resnet(
+        depth=depth,
+        width=width,
+        attention=attention,
+        attention_kwargs=attention_kwargs if attention else None,
+    )
     model.compile(
         optimizer=TorchSGD(0.01),
         jit_compile=xla,

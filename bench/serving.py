@@ -1,6 +1,7 @@
-"""Latency (batch 1, p50/p99) and throughput (batch 128) of the exported SavedModel.
+"""Latency (batch 1, p50/p99) and throughput (batch 128) of exported SavedModels.
 
-    python bench/serving.py                   # exports an (untrained) NAM ResNet-50 first
+    python bench/serving.py                   # exports untrained ResNet-50s: baseline and NAM,
+                                              # each with Keras' BN and with the fused BN
     python bench/serving.py --saved-model export/nam/1
 
 Calls the `serving_default` signature through `tf.saved_model.load`, as TF
@@ -15,20 +16,19 @@ import numpy as np
 import tensorflow as tf
 
 
-def main(argv=None):
-    p = harness.parser(__doc__, steps=200, warmup=10)
-    p.add_argument(
-        "--saved-model", help="a version folder; default: export a fresh ResNet-50 + NAM"
-    )
-    p.add_argument("--throughput-calls", type=int, default=10)
-    args = p.parse_args(argv)
+def export_fresh(attention, bn):
+    """Exports an (untrained) ResNet-50 with `attention` ("nam" or None)."""
+    from nam_keras import build_resnet
+    from nam_keras.export import export_saved_model
+    from nam_keras.normalization import fused_kernels
 
-    path = args.saved_model
-    if path is None:
-        from nam_keras import build_resnet
-        from nam_keras.export import export_saved_model
+    with fused_kernels(bn == "fused"):
+        model = build_resnet(attention=attention)
+    return export_saved_model(model, os.path.join(tempfile.mkdtemp(), "m"))
 
-        path = export_saved_model(build_resnet(), os.path.join(tempfile.mkdtemp(), "nam"))
+
+def measure(path, args):
+    """Batch-1 latency percentiles and batch-128 throughput of one SavedModel."""
     serve = tf.saved_model.load(path).signatures["serving_default"]
     rng = np.random.default_rng(0)
     one = tf.constant(rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8))
@@ -38,14 +38,46 @@ def main(argv=None):
         return lambda: serve(images=images)["probabilities"].numpy()
 
     _, lat = harness.timed(call(one), args.steps, args.warmup)
-    p50, p99 = np.percentile(lat, 50) * 1e3, np.percentile(lat, 99) * 1e3
     median, _ = harness.timed(call(many), args.throughput_calls, 2)
-    print(f"machine: {harness.machine()}; SavedModel {path}")
-    print(f"batch 1:   p50 {p50:.1f} ms, p99 {p99:.1f} ms ({args.steps} calls)")
-    print(f"batch 128: {128 / median:.0f} images/s (median of {args.throughput_calls} calls)")
-    harness.write_json(
-        args.json, {"p50_ms": p50, "p99_ms": p99, "throughput_images_per_s": 128 / median}
+    return {
+        "p50_ms": np.percentile(lat, 50) * 1e3,
+        "p99_ms": np.percentile(lat, 99) * 1e3,
+        "throughput_images_per_s": 128 / median,
+    }
+
+
+def main(argv=None):
+    p = harness.parser(__doc__, steps=200, warmup=10)
+    p.add_argument(
+        "--saved-model",
+        help="a version folder; default: export fresh ResNet-50s "
+        "(baseline and NAM, Keras BN and fused BN)",
     )
+    p.add_argument("--throughput-calls", type=int, default=10)
+    args = p.parse_args(argv)
+
+    if args.saved_model:
+        models = {args.saved_model: args.saved_model}
+    else:
+        models = {
+            f"{a or 'baseline'}, {bn} BN": export_fresh(a, bn)
+            for bn in ("keras", "fused")
+            for a in (None, "nam")
+        }
+    print(
+        f"machine: {harness.machine()}; batch-1 latency over {args.steps} calls, "
+        f"batch-128 throughput median of {args.throughput_calls}"
+    )
+    rows = {}
+    for label, path in models.items():
+        rows[label] = r = measure(path, args)
+        print(
+            f"{label:<24} batch 1: p50 {r['p50_ms']:6.1f} ms, p99 {r['p99_ms']:6.1f} ms; "
+            f"batch 128: {r['throughput_images_per_s']:6.0f} images/s",
+            flush=True,
+        )
+    harness.write_json(args.json, {"rows": rows})
+    return rows
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ fraction of the matmul peak measured in the same run (float32 matmul for
 float32, bfloat16 for mixed_bfloat16, float16 for mixed_float16).
 """
 
+import json
+
 import harness
 import keras
 import numpy as np
@@ -26,9 +28,11 @@ from nam_keras.normalization import fused_kernels
 PEAK_DTYPE = {"float32": tf.float32, "mixed_bfloat16": tf.bfloat16, "mixed_float16": tf.float16}
 
 
-def measure(depth, width, batch, precision, xla, attention, steps, warmup, bn="fused"):
+def measure(
+    depth, width, batch, precision, xla, attention, steps, warmup, bn="fused", attention_kwargs=None
+):
     with fused_kernels(bn == "fused"):
-        model = harness.compiled_resnet(depth, width, precision, xla, attention)
+        model = harness.compiled_resnet(depth, width, precision, xla, attention, attention_kwargs)
     rng = np.random.default_rng(0)
     x = tf.constant(rng.integers(0, 256, (batch, 32, 32, 3)).astype("float32"))
     y = tf.constant(rng.integers(0, 100, (batch,)).astype("int32"))
@@ -47,6 +51,7 @@ def measure_pair(args, precision, xla, bn, peak):
     """Baseline and NAM in one configuration, with the NAM overhead."""
     res = {}
     for attention in (None, "nam"):
+        kwargs = json.loads(args.attention_kwargs)
         r = measure(
             args.depth,
             args.width,
@@ -57,6 +62,7 @@ def measure_pair(args, precision, xla, bn, peak):
             args.steps,
             args.warmup,
             bn,
+            kwargs,
         )
         train_flops = 3 * 2 * r["forward_macs_per_image"]  # forward + backward ~ 3x forward
         r["utilisation"] = r["images_per_s"] * train_flops / peak
@@ -79,6 +85,11 @@ def main(argv=None):
     p.add_argument("--precisions", default="float32,mixed_bfloat16")
     p.add_argument("--xla", default="off", help="comma list of off/on")
     p.add_argument("--bn", default="keras,fused", help="comma list of keras/fused")
+    p.add_argument(
+        "--attention-kwargs",
+        default="{}",
+        help="JSON arguments of NAMAttention, e.g. '{\"float32_gate\": false}'",
+    )
     args = p.parse_args(argv)
 
     precisions = args.precisions.split(",")

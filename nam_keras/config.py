@@ -258,7 +258,7 @@ class TrainConfig(DataConfig):
     # === devices ===
     precision: str = setting(
         "auto",
-        "auto: mixed_bfloat16 on Ampere+ GPUs and bf16-capable CPUs, mixed_float16 on "
+        "auto: mixed_bfloat16 on Ampere+ GPUs and CPUs with AMX-BF16, mixed_float16 on "
         "older GPUs, else float32",
         "devices",
         choices=PRECISIONS,

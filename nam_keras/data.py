@@ -12,7 +12,6 @@ pixels in [0, 255] and normalise with the CIFAR-100 mean/std in their first
 import concurrent.futures
 import math
 import os
-import pickle
 import socket
 import tarfile
 import warnings
@@ -24,6 +23,7 @@ import tensorflow as tf
 
 from nam_keras.config import DATASETS as SOURCES
 from nam_keras.config import NUM_CLASSES
+from nam_keras import safe_pickle
 from nam_keras.errors import DataError
 
 IMAGE_SHAPE = (32, 32, 3)
@@ -33,6 +33,10 @@ FULL_SIZES = {"train": 50_000, "test": 10_000}
 # offline machine fails in seconds instead of retrying for minutes.
 DOWNLOAD_PROBE = ("www.cs.toronto.edu", 443)
 PROBE_TIMEOUT_S = 3.0
+
+#: Largest plausible pickle per split: the images (N x 3,072 bytes) plus
+#: labels and file names, with room to spare; a larger member is refused unread.
+MAX_MEMBER_BYTES = {split: n * 3072 * 5 // 4 + (4 << 20) for split, n in FULL_SIZES.items()}
 
 ARCHIVE_NAME = "cifar-100-python.tar.gz"
 FOLDER_NAME = "cifar-100-python"
@@ -182,10 +186,15 @@ def _check_split(images, labels, split, origin):
 def _decode_pickle(raw, split, origin):
     """One CIFAR-100 python pickle -> (images NHWC uint8, fine labels)."""
     try:
-        entry = pickle.loads(raw, encoding="bytes")
+        entry = safe_pickle.loads(raw)
         data = np.asarray(entry[b"data"])
         labels = np.asarray(entry[b"fine_labels"])
-    except Exception as err:  # pickle raises many kinds of error on bad bytes
+    except safe_pickle.UnsafePickleError as err:
+        raise DataError(
+            f"{origin}: the {split!r} member was refused before anything in it ran: {err}. "
+            "Genuine CIFAR-100 archives hold only data; this one may have been tampered with."
+        ) from None
+    except Exception as err:  # damaged pickles raise many kinds of error
         raise DataError(
             f"{origin}: the {split!r} member is not a CIFAR-100 python pickle "
             f"({type(err).__name__}: {err})."
@@ -199,17 +208,30 @@ def _decode_pickle(raw, split, origin):
     return _check_split(np.ascontiguousarray(images), labels, split, origin)
 
 
+def _split_of(member, path):
+    """The split a tar member holds ("train"/"test"), or None for anything
+    else; refuses a split member larger than CIFAR-100's before reading it.
+    Links and other non-files are ignored: the archive is never extracted."""
+    split = os.path.basename(member.name)
+    folder = os.path.basename(os.path.dirname(member.name))
+    if not (member.isfile() and split in FULL_SIZES and folder in (FOLDER_NAME, "")):
+        return None
+    if member.size > MAX_MEMBER_BYTES[split]:
+        raise DataError(
+            f"{path}: member {member.name} declares {member.size:,} bytes, more than "
+            f"CIFAR-100's {split} split can hold ({MAX_MEMBER_BYTES[split]:,}); refused "
+            "without reading it."
+        )
+    return split
+
+
 def _read_archive(path):
     splits = {}
     try:
         with tarfile.open(path, "r:gz") as tar:
             for member in tar:
-                split = os.path.basename(member.name)
-                if (
-                    member.isfile()
-                    and split in FULL_SIZES
-                    and os.path.basename(os.path.dirname(member.name)) in (FOLDER_NAME, "")
-                ):
+                split = _split_of(member, path)
+                if split is not None:
                     splits[split] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
         raise DataError(
@@ -228,8 +250,12 @@ def _read_archive(path):
 def _read_folder(folder):
     out = {}
     for split in FULL_SIZES:
-        with open(os.path.join(folder, split), "rb") as f:
-            out[split] = _decode_pickle(f.read(), split, os.path.join(folder, split))
+        path = os.path.join(folder, split)
+        if os.path.getsize(path) > MAX_MEMBER_BYTES[split]:
+            raise DataError(f"{path}: {os.path.getsize(path):,} bytes, more than CIFAR-100's "
+                            f"{split} split can hold ({MAX_MEMBER_BYTES[split]:,}); refused.")
+        with open(path, "rb") as f:
+            out[split] = _decode_pickle(f.read(), split, path)
     return out
 
 
@@ -241,7 +267,9 @@ def read_cifar100_python(path):
     Returns `{"train": (images, labels), "test": (images, labels)}` with
     images uint8 (N, 32, 32, 3) and fine labels int32.
 
-    The files are Python pickles: only read archives from a trusted source.
+    The files are Python pickles; they are read with `safe_pickle.loads`,
+    which refuses anything but plain data (no code runs from the archive),
+    and members larger than CIFAR-100's are refused before they are read.
     """
     path = os.fspath(path)
     if os.path.isfile(path):

@@ -4,21 +4,34 @@ import json
 import os
 
 
-def _cpu_supports_bf16():
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def cpu_prefers_bf16(cpuinfo=None):
+    """True where bfloat16 training beats float32 on this CPU: AMX-BF16 (Intel
+    Sapphire Rapids and newer). AVX512-BF16 alone is not enough: on such an
+    AMD EPYC, bf16 trained the NAM ResNet-50 no faster than float32 (README
+    performance table), and bf16 costs precision.
+
+    Args:
+        cpuinfo: the text of `/proc/cpuinfo`; read from the machine when `None`.
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return "amx_bf16" in flags
 
 
 def resolve_precision(precision, gpus):
     """The Keras dtype policy for `--precision`.
 
     `auto` -> mixed_bfloat16 on Ampere or newer GPUs, mixed_float16 on older
-    GPUs; on CPUs mixed_bfloat16 where the CPU has bf16 instructions, else
-    float32 (the README's performance table has the figures).
+    GPUs; on CPUs mixed_bfloat16 where the CPU has AMX-BF16 (`cpu_prefers_bf16`),
+    else float32 (the README's performance table has the figures).
 
     Args:
         precision: `"auto"` or a Keras dtype policy name.
@@ -35,7 +48,7 @@ def resolve_precision(precision, gpus):
         details = tf.config.experimental.get_device_details(gpus[0])
         major = (details.get("compute_capability") or (0, 0))[0]
         return "mixed_bfloat16" if major >= 8 else "mixed_float16"
-    return "mixed_bfloat16" if _cpu_supports_bf16() else "float32"
+    return "mixed_bfloat16" if cpu_prefers_bf16() else "float32"
 
 
 def resolve_jit(jit_compile, gpus):

@@ -21,8 +21,21 @@ from nam_keras import distribute
     ],
 )
 def test_resolve_precision_on_cpus(monkeypatch, precision, cpu_bf16, want):
-    monkeypatch.setattr(distribute, "_cpu_supports_bf16", lambda: cpu_bf16)
+    monkeypatch.setattr(distribute, "cpu_prefers_bf16", lambda: cpu_bf16)
     assert distribute.resolve_precision(precision, gpus=[]) == want
+
+
+@pytest.mark.parametrize(
+    "flags, want",
+    [
+        ("fpu sse avx512f avx512_bf16 amx_bf16 amx_tile amx_int8", True),  # Sapphire Rapids
+        ("fpu sse avx512f avx512_bf16", False),  # AVX512-BF16 without AMX (AMD EPYC)
+        ("fpu sse avx2", False),
+    ],
+)
+def test_bf16_only_where_the_cpu_has_amx(flags, want):
+    cpuinfo = f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n"
+    assert distribute.cpu_prefers_bf16(cpuinfo) is want
 
 
 def test_resolve_jit():
