@@ -21,8 +21,14 @@ def run(config):
     """Evaluates, reports and exports as `config` asks; prints as it goes."""
     import nam_keras  # noqa: F401  (registers the custom objects)
     from nam_keras import evaluation, export
-    from nam_keras.io import atomic_write_text
+    from nam_keras.io import atomic_write_text, check_writable, make_folder
 
+    # paths first: a bad one must not cost the whole evaluation
+    if config.json:
+        check_writable(config.json, "a .json file path")
+    if config.plots:
+        make_folder(config.plots)
+        check_writable(os.path.join(config.plots, "nam_weights.png"), "a folder for plots")
     model = evaluation.load_model(config.model)
     report = {"model": os.path.abspath(config.model), "name": model.name}
     if not config.skip_eval:

@@ -16,7 +16,13 @@ from nam_keras.attention import (
 )
 from nam_keras.callbacks import StopOnNonFiniteLoss, WarmupCosine, warmup_cosine
 from nam_keras.config import EvalConfig, TrainConfig
-from nam_keras.errors import ConfigError, DataError, ModelError, NonFiniteLossError
+from nam_keras.errors import (
+    ConfigError,
+    DataError,
+    ModelError,
+    NonFiniteLossError,
+    TrainingInterruptedError,
+)
 from nam_keras.normalization import BN_EPSILON, BN_MOMENTUM, batch_normalization
 from nam_keras.optimizers import TorchSGD
 from nam_keras.resnet import (
@@ -45,6 +51,7 @@ __all__ = [
     "StopOnNonFiniteLoss",
     "TorchSGD",
     "TrainConfig",
+    "TrainingInterruptedError",
     "WarmupCosine",
     "batch_normalization",
     "build_resnet",

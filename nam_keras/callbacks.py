@@ -1,12 +1,17 @@
-"""Training callbacks: the warmup-cosine learning rate and the stop on a NaN loss."""
+"""Training callbacks: the warmup-cosine learning rate, the stop on a NaN
+loss, crash-safe epoch backups and a clean stop on SIGTERM / Ctrl-C."""
 
 import math
+import os
+import signal
+import threading
 
 import keras
 import numpy as np
 from keras import ops
 
-from nam_keras.errors import NonFiniteLossError
+from nam_keras import io, rundir
+from nam_keras.errors import NonFiniteLossError, TrainingInterruptedError
 
 
 def warmup_cosine(step, base_lr, warmup_steps, total_steps):
@@ -94,3 +99,85 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
+
+
+class EpochBackup(keras.callbacks.Callback):
+    """Writes the model's weights and optimizer state after every epoch, whole or not at all.
+
+    Each backup goes to a temporary file renamed to
+    `backup_dir/epoch-NNNNN.weights.h5` (NNNNN = completed epochs), so a kill at
+    any moment leaves the previous backups intact and weights and epoch can
+    never disagree. The newest `keep` backups are kept. `nam_keras.rundir.restore`
+    reads them back.
+
+    Args:
+        backup_dir: the folder of the backups (created when missing).
+        keep: how many backups to keep. Defaults to 2 (the newest may be lost
+            to a full disk; the one before survives).
+    """
+
+    def __init__(self, backup_dir, keep=2):
+        super().__init__()
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1; received {keep}.")
+        self.backup_dir = os.fspath(backup_dir)
+        self.keep = int(keep)
+
+    def on_epoch_end(self, epoch, logs=None):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        with io.atomic_path(
+            rundir.backup_path(self.backup_dir, epoch + 1), suffix=".weights.h5"
+        ) as tmp:
+            self.model.save_weights(tmp)
+        for _, old in rundir.backups(self.backup_dir)[self.keep :]:
+            os.remove(old)
+
+
+class StopOnSignal(keras.callbacks.Callback):
+    """Turns SIGTERM (what schedulers and `kill` send) and Ctrl-C into a clean
+    stop at the end of the current training step.
+
+    The handlers only set a flag, so a backup being written is never cut in
+    half; the next step's end raises `TrainingInterruptedError`, and the last
+    completed epoch's backup stays in place. A second Ctrl-C interrupts at once.
+    The previous handlers are restored when training ends.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        super().__init__()
+        self.received = None
+        self._previous = {}
+        self._epoch = 0
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def on_train_begin(self, logs=None):
+        self.received = None
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set in the main thread
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def on_train_end(self, logs=None):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.received is not None:
+            self.on_train_end()
+            name = signal.Signals(self.received).name
+            raise TrainingInterruptedError(
+                f"stopped by {name} during epoch {self._epoch + 1}; the {self._epoch} completed "
+                "epoch(s) are kept in the run directory's backup. Re-run the same command to "
+                "resume.",
+                self.received,
+            )

@@ -11,10 +11,23 @@ import logging
 import sys
 
 from nam_keras.config import flag
-from nam_keras.errors import ConfigError, DataError, ModelError, NonFiniteLossError
+from nam_keras.errors import (
+    ConfigError,
+    DataError,
+    ModelError,
+    NonFiniteLossError,
+    TrainingInterruptedError,
+)
 
 #: error class -> exit code; anything else is a bug and keeps its traceback.
-EXIT_CODES = {ConfigError: 2, DataError: 2, ModelError: 2, NonFiniteLossError: 1}
+#: An interrupted run exits as the shell reports a signal: 128 + its number.
+EXIT_CODES = {
+    ConfigError: 2,
+    DataError: 2,
+    ModelError: 2,
+    NonFiniteLossError: 1,
+    TrainingInterruptedError: 128,
+}
 
 LOGGER_NAME = "nam_keras"
 
@@ -112,5 +125,6 @@ def run_main(prog, function, *args):
         function(*args)
     except tuple(EXIT_CODES) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
-        return next(code for cls, code in EXIT_CODES.items() if isinstance(err, cls))
+        code = next(code for cls, code in EXIT_CODES.items() if isinstance(err, cls))
+        return code + getattr(err, "signum", 0)
     return 0

@@ -8,7 +8,9 @@ Images that are not 32x32 are resized to 32x32 (CIFAR-100's size) first.
 
 import argparse
 import json
+import os
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -16,18 +18,35 @@ import numpy as np
 
 from nam_keras.data import CIFAR100_LABELS
 
+#: Largest image file and decoded size accepted (a CIFAR image is 32x32).
+MAX_IMAGE_BYTES = 20 << 20
+MAX_IMAGE_PIXELS = 40_000_000
+#: Largest reply read: 100 float probabilities per image, with room to spare.
+MAX_REPLY_BYTES_PER_IMAGE = 64 << 10
+
 
 def load_image(path):
-    """An image file as uint8 (32, 32, 3) RGB, resized when it is another size."""
+    """An image file as uint8 (32, 32, 3) RGB, resized when it is another size.
+
+    Files over `MAX_IMAGE_BYTES` or images over `MAX_IMAGE_PIXELS` are refused
+    before they are decoded (a small PNG can decode to gigabytes).
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
+        if os.path.getsize(path) > MAX_IMAGE_BYTES:
+            raise ValueError(f"{path}: larger than {MAX_IMAGE_BYTES >> 20} MB; not a CIFAR image.")
         with Image.open(path) as img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise ValueError(
+                    f"{path}: {img.width}x{img.height} pixels is more than this client decodes "
+                    f"({MAX_IMAGE_PIXELS:,}); resize it first."
+                )
             img = img.convert("RGB")
             if img.size != (32, 32):
                 img = img.resize((32, 32), Image.BILINEAR)
             return np.asarray(img, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError) as err:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
         raise ValueError(f"{path}: not a readable image ({err}).") from None
 
 
@@ -53,28 +72,70 @@ def predict_url(server, model, version=None):
     return f"{base}/v1/models/{model}" + (f"/versions/{version}" if version else "") + ":predict"
 
 
+def _read_reply(response, limit, deadline, url):
+    """The reply body, read in chunks under an overall deadline and a size cap."""
+    chunks, size = [], 0
+    while True:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url}: no complete reply within the deadline.")
+        chunk = response.read(1 << 16)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            raise RuntimeError(f"{url}: the reply exceeds {limit:,} bytes; not a prediction.")
+        chunks.append(chunk)
+
+
+def parse_reply(reply, n_images, url):
+    """`[(top-5 class ids, their probabilities)]` from a `predict` reply, checked."""
+    predictions = reply.get("predictions") if isinstance(reply, dict) else None
+    if not isinstance(predictions, list) or len(predictions) != n_images:
+        got = len(predictions) if isinstance(predictions, list) else "no"
+        raise RuntimeError(
+            f"{url}: expected {n_images} predictions, received {got} "
+            f"(reply starts {str(reply)[:200]!r})."
+        )
+    out = []
+    for i, pred in enumerate(predictions):
+        try:
+            classes = [int(c) for c in pred["top5_classes"]]
+            probabilities = pred["probabilities"]
+            if not all(0 <= c < len(CIFAR100_LABELS) for c in classes):
+                raise ValueError(f"class ids {classes} outside 0..{len(CIFAR100_LABELS) - 1}")
+            out.append((classes, [float(probabilities[c]) for c in classes]))
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise RuntimeError(f"{url}: prediction {i} is malformed ({err}).") from None
+    return out
+
+
 def predict(url, images, timeout=30.0):
-    """POSTs the images; returns a list of `(top5 class ids, their probabilities)`."""
+    """POSTs the images; returns a list of `(top5 class ids, their probabilities)`.
+
+    `timeout` bounds the whole exchange (connecting, waiting, reading), not
+    only each socket operation.
+    """
+    deadline = time.monotonic() + timeout
     body = json.dumps(build_request(images)).encode()
     request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    limit = MAX_REPLY_BYTES_PER_IMAGE * len(images) + (1 << 16)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            reply = json.load(response)
+            raw = _read_reply(response, limit, deadline, url)
     except urllib.error.HTTPError as err:
-        detail = err.read().decode(errors="replace")
+        detail = err.read(2000).decode(errors="replace")
         raise RuntimeError(f"{url}: HTTP {err.code}: {detail}") from None
     except urllib.error.URLError as err:
         raise RuntimeError(
             f"{url}: cannot reach the server ({err.reason}). Is TF Serving running?"
         ) from None
-    if "predictions" not in reply:
-        raise RuntimeError(f"{url}: unexpected reply {str(reply)[:200]!r}")
-    out = []
-    for pred in reply["predictions"]:
-        classes = [int(c) for c in pred["top5_classes"]]
-        probs = [float(pred["probabilities"][c]) for c in classes]
-        out.append((classes, probs))
-    return out
+    except (TimeoutError, OSError) as err:
+        raise RuntimeError(f"{url}: no reply within {timeout:g} s ({err}).") from None
+    try:
+        reply = json.loads(raw)
+    except ValueError:
+        raise RuntimeError(f"{url}: the reply is not JSON (starts {raw[:200]!r}).") from None
+    return parse_reply(reply, len(images), url)
 
 
 def main(argv=None):
@@ -86,8 +147,12 @@ def main(argv=None):
     p.add_argument("--server", default="http://localhost:8501", help="TF Serving REST address")
     p.add_argument("--model", default="nam", help="MODEL_NAME given to TF Serving")
     p.add_argument("--version", type=int, help="a model version (default: the latest)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds")
+    p.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds for the whole request, reply included"
+    )
     args = p.parse_args(argv)
+    if not 0 < args.timeout < float("inf"):
+        p.error(f"--timeout must be a positive number of seconds; received {args.timeout}")
     try:
         images = np.stack([load_image(path) for path in args.images])
         results = predict(predict_url(args.server, args.model, args.version), images, args.timeout)

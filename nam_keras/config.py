@@ -18,6 +18,7 @@ STEMS = ("cifar", "imagenet")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 NUM_CLASSES = 100
 MAX_SEED = 2**32 - 1
+MAX_WIDTH = 1024
 
 
 # ------------------------------------------------------------------ validators
@@ -30,6 +31,15 @@ def positive_int(value):
     number = _int(value, "a positive integer")
     if number < 1:
         raise ValueError(f"expected a positive integer, received {number}")
+    return number
+
+
+def network_width(value):
+    """An integer in [1, 1024]: 64 is the paper's ResNet; 1024 already has
+    256 times its 23.8 M parameters."""
+    number = positive_int(value)
+    if number > MAX_WIDTH:
+        raise ValueError(f"expected a width in [1, {MAX_WIDTH}], received {number}")
     return number
 
 
@@ -168,7 +178,7 @@ class TrainConfig(DataConfig):
         64,
         "channels of the first stage (64 = the paper's ResNet; smaller for smoke runs)",
         "model",
-        type=positive_int,
+        type=network_width,
         resume=True,
     )
     stem: str = setting(
@@ -201,46 +211,70 @@ class TrainConfig(DataConfig):
     )
 
     # === optimisation ===
-    epochs: int = setting(300, "number of epochs", "optimisation", type=positive_int)
+    epochs: int = setting(300, "number of epochs", "optimisation", type=positive_int, resume=True)
     batch_size: int = setting(
-        128, "global batch size (split across replicas)", "optimisation", type=positive_int
+        128,
+        "global batch size (split across replicas)",
+        "optimisation",
+        type=positive_int,
+        resume=True,
     )
     lr: float = setting(
-        0.1, "peak learning rate for batch 128", "optimisation", type=non_negative_float
+        0.1,
+        "peak learning rate for batch 128",
+        "optimisation",
+        type=non_negative_float,
+        resume=True,
     )
     lr_scaling: str = setting(
         "linear",
         "linear: peak LR = --lr * batch / 128; none: peak LR = --lr",
         "optimisation",
         choices=("linear", "none"),
+        resume=True,
     )
     warmup_steps: int = setting(
         2000,
         "linear warmup steps from 0 before the cosine decay",
         "optimisation",
         type=non_negative_int,
+        resume=True,
     )
-    momentum: float = setting(0.9, "SGD momentum", "optimisation", type=fraction)
+    momentum: float = setting(0.9, "SGD momentum", "optimisation", type=fraction, resume=True)
     weight_decay: float = setting(
         5e-4,
         "L2 added to the gradient (PyTorch/Paddle semantics)",
         "optimisation",
         type=non_negative_float,
+        resume=True,
     )
     steps_per_epoch: int = setting(
         None,
         "steps per epoch (default: train examples // batch); caps smoke runs",
         "optimisation",
         type=positive_int,
+        resume=True,
     )
     no_augment: bool = setting(
-        False, "turn the reference augmentation off", "optimisation", action="store_true"
+        False,
+        "turn the reference augmentation off",
+        "optimisation",
+        action="store_true",
+        resume=True,
     )
     randaugment: bool = setting(
-        False, "add keras.layers.RandAugment", "optimisation", action="store_true"
+        False,
+        "add keras.layers.RandAugment",
+        "optimisation",
+        action="store_true",
+        resume=True,
     )
-    mixup: float = setting(0.0, "MixUp alpha (0: off)", "optimisation", type=non_negative_float)
-    cutmix: float = setting(0.0, "CutMix alpha (0: off)", "optimisation", type=non_negative_float)
+    mixup: float = setting(
+        0.0, "MixUp alpha (0: off)", "optimisation", type=non_negative_float, resume=True
+    )
+    cutmix: float = setting(
+        0.0, "CutMix alpha (0: off)", "optimisation", type=non_negative_float, resume=True
+    )
     val_freq: int = setting(
         1,
         "validate on the test split every N epochs (0: never)",
@@ -253,6 +287,7 @@ class TrainConfig(DataConfig):
         "seed of the weights, the shuffling and the augmentation",
         "optimisation",
         type=random_seed,
+        resume=True,
     )
 
     # === devices ===
@@ -280,6 +315,12 @@ class TrainConfig(DataConfig):
         "multi-device path without GPUs)",
         "devices",
         type=non_negative_int,
+    )
+    cluster_timeout: float = setting(
+        600.0,
+        "seconds to wait for the other workers named by TF_CONFIG before giving up",
+        "devices",
+        type=non_negative_float,
     )
 
     # === outputs ===

@@ -21,9 +21,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from nam_keras import safe_pickle
 from nam_keras.config import DATASETS as SOURCES
 from nam_keras.config import NUM_CLASSES
-from nam_keras import safe_pickle
 from nam_keras.errors import DataError
 
 IMAGE_SHAPE = (32, 32, 3)
@@ -252,8 +252,10 @@ def _read_folder(folder):
     for split in FULL_SIZES:
         path = os.path.join(folder, split)
         if os.path.getsize(path) > MAX_MEMBER_BYTES[split]:
-            raise DataError(f"{path}: {os.path.getsize(path):,} bytes, more than CIFAR-100's "
-                            f"{split} split can hold ({MAX_MEMBER_BYTES[split]:,}); refused.")
+            raise DataError(
+                f"{path}: {os.path.getsize(path):,} bytes, more than CIFAR-100's "
+                f"{split} split can hold ({MAX_MEMBER_BYTES[split]:,}); refused."
+            )
         with open(path, "rb") as f:
             out[split] = _decode_pickle(f.read(), split, path)
     return out
@@ -546,12 +548,14 @@ def train_pipeline(
     ds = tf.data.Dataset.zip((ds, seeds))
 
     # Keras core augmentation layers, applied to whole batches in tf.data.
-    rand_aug = keras.layers.RandAugment(seed=seed) if randaugment else None
+    # float32 whatever the global policy: the pipeline's images and one-hot labels
+    # are float32, and a mixed policy would make these layers compute in 16 bits.
+    rand_aug = keras.layers.RandAugment(seed=seed, dtype="float32") if randaugment else None
     mixers = []
     if mixup:
-        mixers.append(keras.layers.MixUp(alpha=mixup, seed=seed))
+        mixers.append(keras.layers.MixUp(alpha=mixup, seed=seed, dtype="float32"))
     if cutmix:
-        mixers.append(keras.layers.CutMix(factor=cutmix, seed=seed))
+        mixers.append(keras.layers.CutMix(factor=cutmix, seed=seed, dtype="float32"))
 
     def transform(batch, batch_seed):
         images, labels = batch

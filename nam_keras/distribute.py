@@ -2,6 +2,9 @@
 
 import json
 import os
+import time
+
+from nam_keras.errors import ConfigError
 
 
 def cpu_prefers_bf16(cpuinfo=None):
@@ -88,19 +91,76 @@ def _patch_multi_worker_reduce(strategy):
     return strategy
 
 
-def make_strategy(cpu_replicas=0):
+def read_tf_config(text):
+    """The cluster of `TF_CONFIG` as `(workers, this worker's index)`; `ConfigError`
+    naming what is wrong when it is malformed."""
+    try:
+        tf_config = json.loads(text or "{}")
+        cluster = tf_config.get("cluster", {})
+        workers = list(cluster.get("chief", [])) + list(cluster.get("worker", []))
+        task = tf_config.get("task", {})
+        index = int(task.get("index", 0)) + (
+            1 if task.get("type") == "worker" and cluster.get("chief") else 0
+        )
+        if not all(isinstance(w, str) and ":" in w for w in workers):
+            raise ValueError("every worker must be a 'host:port' string")
+    except (ValueError, TypeError, AttributeError) as err:
+        raise ConfigError(
+            f"TF_CONFIG is malformed ({err}); expected e.g. "
+            '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+            '"task": {"type": "worker", "index": 0}}.'
+        ) from None
+    if len(workers) > 1 and not 0 <= index < len(workers):
+        raise ConfigError(
+            f"TF_CONFIG: task index {index} is not one of the {len(workers)} workers."
+        )
+    return workers, index
+
+
+def wait_for_workers(workers, index, timeout):
+    """Waits until every other worker's address accepts connections.
+
+    `MultiWorkerMirroredStrategy` otherwise waits in C++ for a worker that
+    never starts, silently and deaf to SIGTERM; this waits in Python (SIGTERM
+    and Ctrl-C work) and fails with the missing addresses after `timeout` s.
+    """
+    import socket
+
+    deadline = time.monotonic() + timeout
+    missing = [w for i, w in enumerate(workers) if i != index]
+    while missing:
+        still = []
+        for worker in missing:
+            host, port = worker.rsplit(":", 1)
+            try:
+                socket.create_connection((host, int(port)), timeout=1.0).close()
+            except (OSError, ValueError):
+                still.append(worker)
+        missing = still
+        if missing and time.monotonic() > deadline:
+            raise ConfigError(
+                f"worker(s) {', '.join(missing)} of TF_CONFIG did not start within "
+                f"{timeout:g} s; start train.py on every machine of the cluster "
+                "(--cluster-timeout sets the wait)."
+            )
+        if missing:
+            time.sleep(0.5)
+
+
+def make_strategy(cpu_replicas=0, cluster_timeout=600.0):
     """The `tf.distribute` strategy for this process.
 
-    `TF_CONFIG` naming more than one worker -> `MultiWorkerMirroredStrategy`;
+    `TF_CONFIG` naming more than one worker -> `MultiWorkerMirroredStrategy`
+    (after every worker is reachable, within `cluster_timeout` seconds);
     several GPUs -> `MirroredStrategy`; `cpu_replicas` > 1 splits the CPU into
     that many logical devices and mirrors over them (tests the multi-device
     path without GPUs); otherwise the default one-device strategy.
     """
     import tensorflow as tf
 
-    tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
-    workers = tf_config.get("cluster", {}).get("worker", [])
-    if len(workers) + len(tf_config.get("cluster", {}).get("chief", [])) > 1:
+    workers, index = read_tf_config(os.environ.get("TF_CONFIG"))
+    if len(workers) > 1:
+        wait_for_workers(workers, index, cluster_timeout)
         return _patch_multi_worker_reduce(tf.distribute.MultiWorkerMirroredStrategy())
     if cpu_replicas > 1:
         cpu = tf.config.list_physical_devices("CPU")[0]

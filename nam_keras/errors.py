@@ -19,3 +19,15 @@ class ModelError(ValueError):
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+class TrainingInterruptedError(RuntimeError):
+    """SIGTERM or Ctrl-C stopped training; the last completed epoch is kept.
+
+    Attributes:
+        signum: the signal's number (the exit code is `128 + signum`).
+    """
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.signum = signum

@@ -6,7 +6,7 @@ import zipfile
 import keras
 import numpy as np
 
-from nam_keras.data import CIFAR100_LABELS, IMAGE_SHAPE
+from nam_keras.data import CIFAR100_LABELS, IMAGE_SHAPE, NUM_CLASSES
 from nam_keras.errors import ModelError
 from nam_keras.io import atomic_path
 from nam_keras.resnet import nam_layers
@@ -30,6 +30,12 @@ def load_model(path):
         raise ModelError(
             f"{path}: the model takes inputs of shape {model.input_shape}; expected "
             f"(None, 32, 32, 3) CIFAR images."
+        )
+    outputs = model.output_shape
+    if isinstance(outputs, list) or tuple(outputs[1:]) != (NUM_CLASSES,):
+        raise ModelError(
+            f"{path}: the model's output has shape {outputs}; expected (None, {NUM_CLASSES}): "
+            "one score per CIFAR-100 class."
         )
     return model
 

@@ -14,13 +14,12 @@ import csv
 import dataclasses
 import json
 import logging
-import os
-import shutil
 import time
 
 import keras
+from keras import ops
 
-from nam_keras import callbacks, data, distribute, io
+from nam_keras import callbacks, data, distribute, io, rundir
 from nam_keras import config as settings
 from nam_keras.errors import ConfigError
 from nam_keras.optimizers import TorchSGD
@@ -41,34 +40,6 @@ class Devices:
     sync_bn: bool
 
 
-@dataclasses.dataclass(frozen=True)
-class RunPaths:
-    """The files of one run."""
-
-    run_dir: str
-    output: str
-
-    @property
-    def backup(self):
-        return os.path.join(self.run_dir, "backup")
-
-    @property
-    def log_csv(self):
-        return os.path.join(self.run_dir, "log.csv")
-
-    @property
-    def config_json(self):
-        return os.path.join(self.run_dir, "config.json")
-
-    @property
-    def summary_json(self):
-        return os.path.join(self.run_dir, "summary.json")
-
-    @property
-    def tensorboard(self):
-        return os.path.join(self.run_dir, "tensorboard")
-
-
 @dataclasses.dataclass
 class TrainResult:
     """What `train` returns: the trained model, the last epoch's logs, the summary."""
@@ -86,7 +57,7 @@ def set_up_devices(config):
     import tensorflow as tf
 
     keras.utils.set_random_seed(config.seed)
-    strategy = distribute.make_strategy(config.cpu_replicas)
+    strategy = distribute.make_strategy(config.cpu_replicas, config.cluster_timeout)
     gpus = tf.config.list_physical_devices("GPU")
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:
@@ -157,68 +128,6 @@ def resolved_config(config, devices, paths, n_train):
     }
 
 
-def read_backup_epoch(backup_dir):
-    """Epochs completed according to the backup's metadata, or `None`."""
-    for name in ("training_metadata.json", "training_metadata.json.bkp"):
-        path = os.path.join(backup_dir, name)
-        if os.path.exists(path):
-            try:
-                with open(path) as f:
-                    return int(json.load(f)["epoch"])
-            except (ValueError, KeyError, OSError):
-                continue
-    return None
-
-
-def truncate_csv(path, first_epoch):
-    """Keeps the CSV rows of epochs before `first_epoch` (those the backup holds)."""
-    if not os.path.exists(path):
-        return
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        return
-    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) < first_epoch]
-    io.atomic_write_text(path, "".join(",".join(r) + "\n" for r in kept))
-
-
-def check_resumable(paths, resolved):
-    """Refuses a backup made by a run with other `RESUME_KEYS` settings."""
-    if not os.path.exists(paths.config_json):
-        return
-    with open(paths.config_json) as f:
-        old = json.load(f)
-    changed = {
-        k: (old.get(k), resolved[k]) for k in settings.RESUME_KEYS if old.get(k) != resolved[k]
-    }
-    if changed:
-        raise ConfigError(
-            f"{paths.run_dir} holds a backup of a different run ({changed}, as "
-            "(saved, now)); pass --no-resume to start afresh or choose another --run-dir."
-        )
-
-
-def prepare_run_dir(config, paths, resolved):
-    """Creates the run directory, writes `config.json`, and decides on resuming.
-
-    Returns:
-        The number of epochs a backup holds when the run resumes, else `None`.
-    """
-    os.makedirs(paths.run_dir, exist_ok=True)
-    resumed_epoch = None
-    if not config.resume and os.path.exists(paths.backup):
-        shutil.rmtree(paths.backup)
-        if os.path.exists(paths.log_csv):
-            os.remove(paths.log_csv)
-    elif os.path.exists(paths.backup):
-        resumed_epoch = read_backup_epoch(paths.backup)
-        check_resumable(paths, resolved)
-    io.atomic_write_text(paths.config_json, json.dumps(resolved, indent=2, default=str) + "\n")
-    if resumed_epoch is not None:
-        truncate_csv(paths.log_csv, resumed_epoch)
-    return resumed_epoch
-
-
 def build_and_compile(config, devices):
     """The ResNet of `config`, compiled with the recipe's loss, optimizer and metrics."""
     with devices.strategy.scope():
@@ -258,30 +167,55 @@ def build_and_compile(config, devices):
 
 
 def make_callbacks(config, paths, total_steps, resuming):
-    """Schedule, NaN stop, CSV and TensorBoard logs, and the per-epoch backup."""
+    """Schedule, NaN stop, clean stop on signals, logs, and the per-epoch backup."""
     return [
         callbacks.WarmupCosine(config.peak_lr, total_steps, config.warmup_steps),
         callbacks.StopOnNonFiniteLoss(),
+        callbacks.StopOnSignal(),
         keras.callbacks.CSVLogger(paths.log_csv, append=resuming),
         keras.callbacks.TensorBoard(paths.tensorboard),
-        keras.callbacks.BackupAndRestore(
-            paths.backup, double_checkpoint=True, delete_checkpoint=False
-        ),
+        callbacks.EpochBackup(paths.backup),
     ]
 
 
+def final_logs(history, paths):
+    """The last epoch's logs: from `fit`, or from `log.csv` when `fit` had no
+    epoch left to run (a run resumed after its last epoch)."""
+    if history.history:
+        return {k: float(v[-1]) for k, v in history.history.items()}
+    try:
+        with open(paths.log_csv, newline="") as f:
+            rows = list(csv.DictReader(f))
+        return {k: float(v) for k, v in rows[-1].items() if k != "epoch" and v}
+    except (OSError, IndexError, ValueError):
+        return {}
+
+
 def save_outputs(model, history, config, paths, started):
-    """Writes the final model (atomically), then drops the backup, then the summary."""
-    io.save_model_atomic(model, paths.output)
-    shutil.rmtree(paths.backup, ignore_errors=True)  # only once the model is safe
-    logs = {k: float(v[-1]) for k, v in history.history.items()}
+    """Writes the model (atomically), then the summary, then drops the backups.
+
+    A failure to write the model keeps the backups, so re-running the same
+    command writes it without training again.
+    """
+    try:
+        io.save_model_atomic(model, paths.output)
+    except OSError as err:
+        raise ConfigError(
+            f"could not write the model to {paths.output} ({err.strerror or err}). The trained "
+            f"weights are kept in {paths.backup}: fix the cause and re-run the same command; it "
+            "writes the model without training again."
+        ) from None
+    logs = final_logs(history, paths)
     summary = {
+        "complete": True,
         "output": paths.output,
         "epochs": config.epochs,
+        "optimizer_steps": int(ops.convert_to_numpy(model.optimizer.iterations)),
         "seconds": round(time.time() - started, 1),
         **logs,
     }
     io.atomic_write_text(paths.summary_json, json.dumps(summary, indent=2) + "\n")
+    rundir.remove_backups(paths)  # only once the model and the summary are safe
     return logs, summary
 
 
@@ -311,6 +245,7 @@ def _log_start(config, devices, resolved, resumed_epoch, backup):
 
 
 def _log_done(model, config, logs, summary):
+    loss = f"train loss {logs['loss']:.4f}" if "loss" in logs else "no training step left"
     val = (
         f"val top-1 {logs['val_top1']:.2%}, top-5 {logs['val_top5']:.2%}"
         if "val_top1" in logs
@@ -318,11 +253,75 @@ def _log_done(model, config, logs, summary):
     )
     logger.info(
         f"done: {model.name}, {config.epochs} epochs in {summary['seconds']:.0f} s; "
-        f"train loss {logs['loss']:.4f}, {val}; model -> {summary['output']}"
+        f"{loss}, {val}; model -> {summary['output']}"
     )
 
 
 # ------------------------------------------------------------------ the run
+
+
+def already_complete(config, paths, resolved):
+    """The summary of this very run when it has finished before, else `None`."""
+    summary = rundir.completed(paths)
+    if summary is None or summary["output"] != paths.output:
+        return None
+    rundir.check_resumable(paths, resolved, settings.RESUME_KEYS)
+    return summary
+
+
+def write_config(paths, resolved, resume):
+    """Checks a backup against the saved settings, then records this run's."""
+    if resume and rundir.backups(paths.backup):
+        rundir.check_resumable(paths, resolved, settings.RESUME_KEYS)
+    text = json.dumps({rundir.OWNER_KEY: rundir.OWNER, **resolved}, indent=2, default=str)
+    io.atomic_write_text(paths.config_json, text + "\n")
+
+
+def restore_backup(model, config, devices, paths, steps_per_epoch):
+    """Loads the newest whole backup when resuming; returns its epoch or `None`."""
+    if not config.resume:
+        return None
+    with devices.strategy.scope():
+        epoch = rundir.restore(model, paths, config.epochs, steps_per_epoch)
+    if epoch is not None:
+        rundir.truncate_log(paths, epoch)
+    return epoch
+
+
+def _fit(config, devices, paths):
+    """Everything from the data to the saved model, inside the run's lock."""
+    started = time.time()
+    rundir.prepare(paths, config.resume)
+    train_ds, val_ds, n_train = load_datasets(config)
+    resolved = resolved_config(config, devices, paths, n_train)
+    done = already_complete(config, paths, resolved) if config.resume else None
+    if done is not None:
+        logger.info(
+            f"this run is complete ({done['epochs']} epochs, model -> {done['output']});"
+            " nothing to do. Pass --no-resume to train it again."
+        )
+        rundir.remove_backups(paths)  # leftovers of a run stopped while cleaning up
+        return TrainResult(model=keras.models.load_model(done["output"]), logs={}, summary=done)
+    write_config(paths, resolved, config.resume)
+    model = build_and_compile(config, devices)
+    rundir.check_free_space(paths, model)
+    resumed_epoch = restore_backup(model, config, devices, paths, resolved["steps_per_epoch"])
+    _log_start(config, devices, resolved, resumed_epoch, paths.backup)
+    history = model.fit(
+        train_ds,
+        epochs=config.epochs,
+        initial_epoch=resumed_epoch or 0,
+        steps_per_epoch=resolved["steps_per_epoch"],
+        validation_data=val_ds,
+        validation_steps=config.val_steps,
+        validation_freq=config.val_freq or 1,
+        verbose=config.verbose,
+        shuffle=False,  # the pipeline shuffles, seeded, every epoch
+        callbacks=make_callbacks(config, paths, resolved["total_steps"], resumed_epoch is not None),
+    )
+    logs, summary = save_outputs(model, history, config, paths, started)
+    _log_done(model, config, logs, summary)
+    return TrainResult(model=model, logs=logs, summary=summary)
 
 
 def train(config):
@@ -333,33 +332,18 @@ def train(config):
 
     Returns:
         A `TrainResult` with the trained model, the last epoch's logs and
-        the summary written to the run directory.
+        the summary written to the run directory (for a run that had finished
+        before: its model and summary, without training).
 
     Raises:
-        ConfigError: settings, paths or a backup that cannot work.
+        ConfigError: settings, paths, disk space or a backup that cannot work.
         DataError: the data source is missing or malformed.
         NonFiniteLossError: the loss became NaN/inf (the last backup is kept).
+        TrainingInterruptedError: SIGTERM or Ctrl-C (the last backup is kept).
     """
-    started = time.time()
     devices = set_up_devices(config)
-    paths = RunPaths(run_dir=config.resolved_run_dir, output=config.resolved_output)
+    paths = rundir.RunPaths(run_dir=config.resolved_run_dir, output=config.resolved_output)
     io.check_writable(paths.output)
-    train_ds, val_ds, n_train = load_datasets(config)
-    resolved = resolved_config(config, devices, paths, n_train)
-    resumed_epoch = prepare_run_dir(config, paths, resolved)
-    _log_start(config, devices, resolved, resumed_epoch, paths.backup)
-    model = build_and_compile(config, devices)
-    history = model.fit(
-        train_ds,
-        epochs=config.epochs,
-        steps_per_epoch=resolved["steps_per_epoch"],
-        validation_data=val_ds,
-        validation_steps=config.val_steps,
-        validation_freq=config.val_freq or 1,
-        verbose=config.verbose,
-        callbacks=make_callbacks(config, paths, resolved["total_steps"], resumed_epoch is not None),
-        shuffle=False,  # the pipeline shuffles, seeded, every epoch
-    )
-    logs, summary = save_outputs(model, history, config, paths, started)
-    _log_done(model, config, logs, summary)
-    return TrainResult(model=model, logs=logs, summary=summary)
+    rundir.make(paths)
+    with rundir.lock(paths):
+        return _fit(config, devices, paths)

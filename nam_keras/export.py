@@ -8,6 +8,11 @@ import keras
 
 from nam_keras.data import IMAGE_SHAPE
 from nam_keras.errors import ModelError
+from nam_keras.io import current_umask
+
+#: Largest batch one request may send (about 3 MB of pixels); larger ones are refused
+#: before the model runs, instead of exhausting the server's memory.
+MAX_SERVING_BATCH = 1024
 
 
 def next_version(export_dir):
@@ -40,6 +45,15 @@ def export_saved_model(model, export_dir, verbose=False):
     def serve(images):
         # A loaded signature does not check the shape itself: refuse clearly.
         images = tf.ensure_shape(images, (None, *IMAGE_SHAPE), name="images_must_be_Nx32x32x3")
+        batch = tf.shape(images)[0]
+        checks = [
+            tf.debugging.assert_positive(batch, message="images must hold at least one image"),
+            tf.debugging.assert_less_equal(
+                batch, MAX_SERVING_BATCH, message=f"at most {MAX_SERVING_BATCH} images per request"
+            ),
+        ]
+        with tf.control_dependencies(checks):
+            images = tf.identity(images)
         logits = model(tf.cast(images, tf.float32), training=False)
         probabilities = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
         top = tf.math.top_k(probabilities, k=k).indices
@@ -55,6 +69,7 @@ def export_saved_model(model, export_dir, verbose=False):
     tmp = tempfile.mkdtemp(dir=export_dir, prefix=".tmp-export-")
     try:
         archive.write_out(tmp, verbose=verbose)
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide it from TF Serving
         while True:  # another exporter may take a number meanwhile: never overwrite
             final = os.path.join(export_dir, str(next_version(export_dir)))
             try:

@@ -17,10 +17,20 @@ def atomic_path(path, suffix=""):
     os.close(fd)
     try:
         yield tmp
+        # mkstemp makes 0600 files: give the result the permissions of any new
+        # file, so that another user (a TF Serving process) can read it.
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def current_umask():
+    """The process' umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path, text):
@@ -35,16 +45,40 @@ def save_model_atomic(model, path):
         model.save(tmp)
 
 
-def check_writable(path):
-    """Raises `ConfigError` unless a file can be created next to `path`."""
+def check_writable(path, what="a .keras file path"):
+    """Raises `ConfigError` unless the file `path` can be written: its folder
+    exists and takes new files, and its name is not too long for the file
+    system. Checked before long work, so that it does not fail at the end.
+
+    Args:
+        path: the file to be written later.
+        what: what `path` should be, for the message (e.g. "a .json file path").
+    """
     folder = os.path.dirname(os.path.abspath(path)) or "."
     if os.path.isdir(path):
-        raise ConfigError(f"output path {path!r} is a folder; expected a .keras file path.")
+        raise ConfigError(f"output path {path!r} is a folder; expected {what}.")
     if not os.path.isdir(folder):
         raise ConfigError(f"cannot write {path!r}: folder {folder!r} does not exist.")
     try:
+        name_max = os.pathconf(folder, "PC_NAME_MAX")
+        path_max = os.pathconf(folder, "PC_PATH_MAX")
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
         os.close(fd)
         os.remove(tmp)
     except OSError as err:
         raise ConfigError(f"cannot write {path!r}: {err.strerror}.") from None
+    if len(os.fsencode(os.path.basename(path))) > name_max:
+        raise ConfigError(
+            f"cannot write {path!r}: its name is longer than the {name_max} bytes "
+            "this file system allows."
+        )
+    if len(os.fsencode(os.path.abspath(path))) >= path_max:
+        raise ConfigError(f"cannot write {path!r}: the path is longer than {path_max} bytes.")
+
+
+def make_folder(path):
+    """`os.makedirs(path, exist_ok=True)`, with `ConfigError` naming the folder."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create folder {path!r}: {err.strerror or err}.") from None

@@ -77,18 +77,14 @@ def test_eval_config_checks_near_zero():
 
 
 def test_resume_keys_come_from_the_table():
+    """The model, the schedule and the data order must match to resume; where
+    files go, verbosity and device options may change."""
     assert config.RESUME_KEYS == (
-        "model",
-        "depth",
-        "width",
-        "stem",
-        "spatial",
-        "sparsity",
-        "stop_gradient",
-        "precision",
-        "num_classes",
-        "mixing",
-    )
+        "model", "depth", "width", "stem", "spatial", "sparsity", "stop_gradient",
+        "epochs", "batch_size", "lr", "lr_scaling", "warmup_steps", "momentum",
+        "weight_decay", "steps_per_epoch", "no_augment", "randaugment", "mixup", "cutmix",
+        "seed", "precision", "num_classes", "mixing",
+    )  # fmt: skip
 
 
 def test_to_dict_is_json_ready():

@@ -6,6 +6,7 @@ import socket
 import tarfile
 import time
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -229,11 +230,15 @@ def test_eval_pipeline_is_never_augmented():
     np.testing.assert_array_equal(got, raw.astype("float32"))
 
 
-def test_mixup_cutmix_randaugment_give_one_hot_mixtures():
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16", "mixed_float16"])
+def test_mixup_cutmix_randaugment_give_one_hot_mixtures(policy):
+    # the global policy train.py sets must not reach the pipeline's layers
+    keras.mixed_precision.set_global_policy(policy)
     train, _ = data.load_cifar100("synthetic", synthetic_sizes=(32, 8))
     ds = data.train_pipeline(train, 16, seed=0, randaugment=True, mixup=0.4, cutmix=1.0)
     images, labels = next(iter(ds))
     assert images.shape == (16, 32, 32, 3) and labels.shape == (16, 100)
+    assert images.dtype == labels.dtype == tf.float32
     np.testing.assert_allclose(labels.numpy().sum(axis=1), 1.0, rtol=1e-5)
     assert (labels.numpy() > 0).sum(axis=1).max() >= 2  # some labels are mixtures
 

@@ -24,9 +24,13 @@ class _Exploit:
 
 def _cifar_entry(n=3, seed=0):
     rng = np.random.default_rng(seed)
-    return {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            b"fine_labels": [1, 2, 3][:n], b"coarse_labels": [0, 0, 1][:n],
-            b"filenames": [b"a.png"] * n, b"batch_label": b"training batch 1 of 1"}
+    return {
+        b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        b"fine_labels": [1, 2, 3][:n],
+        b"coarse_labels": [0, 0, 1][:n],
+        b"filenames": [b"a.png"] * n,
+        b"batch_label": b"training batch 1 of 1",
+    }
 
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])
@@ -39,10 +43,12 @@ def test_genuine_layouts_load(protocol):
 
 def test_a_python2_pickle_of_the_real_format_loads():
     # what cPickle protocol 2 in Python 2 wrote for CIFAR-100: numpy.core names, str keys as bytes
-    raw = (b"\x80\x02}q\x00(U\x04dataq\x01cnumpy.core.multiarray\n_reconstruct\nq\x02cnumpy\n"
-           b"ndarray\nq\x03K\x00\x85U\x01b\x87Rq\x04(K\x01K\x01K\x04\x86cnumpy\ndtype\nq\x05U\x02"
-           b"u1K\x00K\x01\x87Rq\x06(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89U"
-           b"\x04\x01\x02\x03\x04tbU\x0bfine_labelsq\x07]q\x08K\x05au.")
+    raw = (
+        b"\x80\x02}q\x00(U\x04dataq\x01cnumpy.core.multiarray\n_reconstruct\nq\x02cnumpy\n"
+        b"ndarray\nq\x03K\x00\x85U\x01b\x87Rq\x04(K\x01K\x01K\x04\x86cnumpy\ndtype\nq\x05U\x02"
+        b"u1K\x00K\x01\x87Rq\x06(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89U"
+        b"\x04\x01\x02\x03\x04tbU\x0bfine_labelsq\x07]q\x08K\x05au."
+    )
     got = safe_pickle.loads(raw)
     assert got[b"data"].dtype == np.uint8 and got[b"data"].tolist() == [[1, 2, 3, 4]]
     assert got[b"fine_labels"] == [5]
@@ -71,8 +77,10 @@ def test_non_integer_or_subclassed_arrays_are_refused(payload, message):
 
 def test_a_huge_declared_array_is_refused_before_allocation():
     # _reconstruct(ndarray, (10**12,), b'b'): a terabyte if it were allocated
-    raw = (b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
-           b"\x8a\x06\x00\x10\xa5\xd4\xe8\x00\x85U\x01b\x87R.")
+    raw = (
+        b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
+        b"\x8a\x06\x00\x10\xa5\xd4\xe8\x00\x85U\x01b\x87R."
+    )
     with pytest.raises(safe_pickle.UnsafePickleError, match="refused an array of"):
         safe_pickle.loads(raw)
 

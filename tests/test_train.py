@@ -12,6 +12,7 @@ import pytest
 
 import nam_keras
 import train
+from nam_keras import rundir
 
 # step 0 runs at LR 0 (warmup), step 1 at 1e30: the weights blow up and the
 # loss of step 2 (epoch 3) is NaN, after two good epochs are backed up.
@@ -59,15 +60,15 @@ def test_baseline_and_mixup(tmp_path, tiny_args, run_script):
 def test_kill_and_resume(tmp_path, tiny_args, run_script):
     """SIGKILL after the first epoch; the same command then runs only the rest."""
     args = tiny_args("--epochs", "3", "--steps-per-epoch", "12", "--val-freq", "0")
-    metadata = tmp_path / "run" / "backup" / "training_metadata.json"
+    first = tmp_path / "run" / "backup" / "epoch-00001.weights.h5"
     proc = run_script("train.py", args)
     deadline = time.monotonic() + 120
-    while not metadata.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
-    done = json.loads(metadata.read_text())["epoch"]
+    done = max(epoch for epoch, _ in rundir.backups(tmp_path / "run" / "backup"))
     assert 1 <= done < 3
     assert not (tmp_path / "run.keras").exists()
 
@@ -100,6 +101,9 @@ def test_kill_and_resume(tmp_path, tiny_args, run_script):
         (["--cutmix", "inf"], "argument --cutmix: expected a finite number >= 0, received inf"),
         (["--val-freq", "-2"], "argument --val-freq: expected an integer >= 0, received -2"),
         (["--momentum", "1"], "argument --momentum: expected a number in [0, 1), received 1.0"),
+        (["--width", "100000"], "argument --width: expected a width in [1, 1024], received 100000"),
+        (["--mixup", "inf"], "argument --mixup: expected a finite number >= 0, received inf"),
+        (["--seed", str(2**32)], "argument --seed: expected an integer in [0, 4294967295]"),
     ],
 )
 def test_bad_flags_exit_2_with_message(argv, message, capsys):
@@ -134,8 +138,7 @@ def test_nan_loss_stops_and_keeps_last_good_backup(tmp_path, tiny_args, capsys):
     err = capsys.readouterr().err
     assert "the training loss became nan" in err and "epoch 3" in err
     backup = tmp_path / "run" / "backup"
-    assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 2
-    assert (backup / "latest.weights.h5").exists()
+    assert sorted(os.listdir(backup)) == ["epoch-00001.weights.h5", "epoch-00002.weights.h5"]
     assert not (tmp_path / "run.keras").exists()
 
 
@@ -180,3 +183,150 @@ def test_batch_larger_than_the_training_split(tmp_path, tiny_args, capsys):
     args[args.index("--synthetic-size") + 1] = "4"
     assert train.main(args) == 2
     assert "batch_size 8 is larger than the 4 training examples" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ no lost work
+
+TWO_EPOCHS = ["--epochs", "2", "--steps-per-epoch", "2", "--val-freq", "0"]
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_never_trained_again_over_its_model(tmp_path, tiny_args, capsys):
+    args = tiny_args(*TWO_EPOCHS)
+    assert train.main(args) == 0
+    model_path = tmp_path / "run.keras"
+    stamp = model_path.stat().st_mtime_ns
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["complete"] and summary["optimizer_steps"] == 4
+    # what a kill while the backup was being deleted used to leave behind
+    (tmp_path / "run" / "backup").mkdir()
+    (tmp_path / "run" / "backup" / "training_metadata.json").write_text('{"epoch": 2, "batch": 0}')
+    capsys.readouterr()
+    assert train.main(args) == 0
+    assert "this run is complete (2 epochs" in capsys.readouterr().out
+    assert model_path.stat().st_mtime_ns == stamp  # the trained model, untouched
+    assert not (tmp_path / "run" / "backup").exists()  # the leftover is cleaned up
+    assert train.main([*args, "--epochs", "1"]) == 2  # other settings: refused, not retrained
+    assert "'epochs': (2, 1)" in capsys.readouterr().err
+    assert model_path.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_sigterm_stops_cleanly_and_a_damaged_backup_falls_back(tmp_path, tiny_args, run_script):
+    args = tiny_args("--epochs", "4", "--steps-per-epoch", "6", "--val-freq", "0")
+    second = tmp_path / "run" / "backup" / "epoch-00002.weights.h5"
+    proc = run_script("train.py", args)
+    deadline = time.monotonic() + 120
+    while not second.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "train.py: error: stopped by SIGTERM during epoch" in out
+    assert "Re-run the same command to resume" in out
+    backups = rundir.backups(tmp_path / "run" / "backup")
+    newest_epoch, newest = backups[0]
+    assert newest_epoch >= 2 and not (tmp_path / "run.keras").exists()
+    with open(newest, "r+b") as f:  # as a Ctrl-C in the middle of writing it would leave it
+        f.truncate(1000)
+    proc = run_script("train.py", args)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert f"skipped damaged backup(s): {os.path.basename(newest)}" in out
+    assert f"{newest_epoch - 1} of 4 epochs done" in out
+    model = keras.models.load_model(tmp_path / "run.keras")
+    assert int(model.optimizer.iterations) == 24  # as an uninterrupted run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_mixup_and_cutmix_under_mixed_precision(tiny_args, precision):
+    args = tiny_args(
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "1",
+        "--val-freq",
+        "1",
+        "--val-steps",
+        "1",
+        "--mixup",
+        "0.2",
+        "--cutmix",
+        "1.0",
+        "--precision",
+        precision,
+    )
+    assert train.main(args) == 0
+
+
+def test_a_backup_folder_it_did_not_write_is_left_alone(tmp_path, tiny_args, capsys):
+    backup = tmp_path / "run" / "backup"
+    backup.mkdir(parents=True)
+    (backup / "epoch-00001.weights.h5").write_bytes(b"someone else's")
+    assert train.main(tiny_args(*TWO_EPOCHS)) == 2
+    assert "config.json is missing" in capsys.readouterr().err
+    assert train.main(tiny_args(*TWO_EPOCHS, "--no-resume")) == 2
+    assert "may not have been written by train.py" in capsys.readouterr().err
+    assert (backup / "epoch-00001.weights.h5").read_bytes() == b"someone else's"
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("config", "config.json (the run's settings) is damaged"),
+        ("backup-file", "backup should be a folder"),
+        ("backup-garbage", "no backup in"),
+    ],
+)
+def test_a_damaged_run_directory_is_a_clear_error(tmp_path, tiny_args, capsys, damage, message):
+    run = tmp_path / "run"
+    if damage == "backup-garbage":  # a real run, then both backups damaged
+        assert train.main(tiny_args(*TWO_EPOCHS)) == 0
+        (run / "summary.json").unlink()
+    run.mkdir(exist_ok=True)
+    if damage == "backup-file":
+        (run / "backup").write_text("")
+    else:
+        (run / "backup").mkdir()
+        for epoch in (1, 2):
+            (run / "backup" / f"epoch-{epoch:05d}.weights.h5").write_bytes(b"\x89HDF\r\n cut")
+    if damage == "config":
+        (run / "config.json").write_text('{"written_by": "nam-keras train.py", "depth"')
+    capsys.readouterr()
+    assert train.main(tiny_args(*TWO_EPOCHS)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_second_run_on_the_same_directory_is_refused(tmp_path, tiny_args, capsys):
+    paths = rundir.RunPaths(str(tmp_path / "run"), str(tmp_path / "run.keras"))
+    rundir.make(paths)
+    with rundir.lock(paths):
+        assert train.main(tiny_args(*TWO_EPOCHS)) == 2
+    assert "is in use by train.py (pid" in capsys.readouterr().err
+
+
+def test_bad_paths_are_found_before_training(tmp_path, tiny_args, capsys):
+    args = tiny_args(*TWO_EPOCHS)
+    args[args.index("--output") + 1] = str(tmp_path / ("x" * 300 + ".keras"))
+    assert train.main(args) == 2
+    assert "its name is longer than the 255 bytes" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing left behind
+
+
+@pytest.mark.parametrize(
+    "tf_config, message",
+    [
+        ("{not json", "TF_CONFIG is malformed"),
+        ('{"cluster": {"worker": ["a:1", 5]}}', "every worker must be a 'host:port' string"),
+        (
+            '{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 7}}',
+            "task index 7 is not one of the 2 workers",
+        ),
+    ],
+)
+def test_a_malformed_tf_config_is_a_clear_error(tiny_args, capsys, monkeypatch, tf_config, message):
+    monkeypatch.setenv("TF_CONFIG", tf_config)
+    assert train.main(tiny_args(*TWO_EPOCHS)) == 2
+    assert message in capsys.readouterr().err
