@@ -78,7 +78,7 @@ def _read_reply(response, limit, deadline, url):
     while True:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{url}: no complete reply within the deadline.")
-        chunk = response.read(1 << 16)
+        chunk = response.read1(1 << 16)  # what has arrived: the deadline is checked often
         if not chunk:
             return b"".join(chunks)
         size += len(chunk)

@@ -1,7 +1,9 @@
 """Device choices: precision policy, XLA, and the `tf.distribute` strategy."""
 
+import contextlib
 import json
 import os
+import threading
 import time
 
 from nam_keras.errors import ConfigError
@@ -117,41 +119,86 @@ def read_tf_config(text):
     return workers, index
 
 
-def wait_for_workers(workers, index, timeout):
-    """Waits until every other worker's address accepts connections.
-
-    `MultiWorkerMirroredStrategy` otherwise waits in C++ for a worker that
-    never starts, silently and deaf to SIGTERM; this waits in Python (SIGTERM
-    and Ctrl-C work) and fails with the missing addresses after `timeout` s.
-    """
+def unreachable_workers(workers, index):
+    """The other workers' addresses that do not accept a TCP connection now."""
     import socket
 
-    deadline = time.monotonic() + timeout
-    missing = [w for i, w in enumerate(workers) if i != index]
-    while missing:
-        still = []
-        for worker in missing:
-            host, port = worker.rsplit(":", 1)
+    missing = []
+    for i, worker in enumerate(workers):
+        if i == index:
+            continue
+        host, port = worker.rsplit(":", 1)
+        try:
+            socket.create_connection((host, int(port)), timeout=1.0).close()
+        except (OSError, ValueError):
+            missing.append(worker)
+    return missing
+
+
+@contextlib.contextmanager
+def _answering(address):
+    """Accepts (and drops) connections on this worker's own port meanwhile, so
+    that the others can see it is up before TensorFlow's server owns the port."""
+    import socket
+
+    port = int(address.rsplit(":", 1)[1])
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(("", port))
+        listener.listen(16)
+    except OSError:  # taken: the others will find it when TensorFlow's server is up
+        listener.close()
+        yield
+        return
+    stop = threading.Event()
+
+    def serve():
+        listener.settimeout(0.2)
+        while not stop.is_set():
             try:
-                socket.create_connection((host, int(port)), timeout=1.0).close()
-            except (OSError, ValueError):
-                still.append(worker)
-        missing = still
-        if missing and time.monotonic() > deadline:
-            raise ConfigError(
-                f"worker(s) {', '.join(missing)} of TF_CONFIG did not start within "
-                f"{timeout:g} s; start train.py on every machine of the cluster "
-                "(--cluster-timeout sets the wait)."
-            )
-        if missing:
-            time.sleep(0.5)
+                listener.accept()[0].close()
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=serve, name="cluster-rendezvous", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+
+
+def wait_for_workers(workers, index, timeout):
+    """Waits until every other worker of `TF_CONFIG` is up, in Python.
+
+    `MultiWorkerMirroredStrategy` waits for missing workers in C++, silently,
+    for up to an hour, and deaf to SIGTERM; waiting here first keeps SIGTERM
+    and Ctrl-C working and fails after `timeout` s naming the missing workers.
+    Each worker answers on its own port meanwhile, so the workers find each
+    other before any of them starts TensorFlow's server.
+    """
+    deadline = time.monotonic() + timeout
+    with _answering(workers[index]):
+        while missing := unreachable_workers(workers, index):
+            if time.monotonic() > deadline:
+                raise ConfigError(
+                    f"worker(s) {', '.join(missing)} of TF_CONFIG did not start within "
+                    f"{timeout:g} s; start train.py on every machine of the cluster "
+                    "(--cluster-timeout sets the wait)."
+                )
+            time.sleep(0.2)
+        time.sleep(1.0)  # the others see this one before it stops answering
 
 
 def make_strategy(cpu_replicas=0, cluster_timeout=600.0):
     """The `tf.distribute` strategy for this process.
 
     `TF_CONFIG` naming more than one worker -> `MultiWorkerMirroredStrategy`
-    (after every worker is reachable, within `cluster_timeout` seconds);
+    (given up after `cluster_timeout` seconds without every worker, see
+    `wait_for_workers`);
     several GPUs -> `MirroredStrategy`; `cpu_replicas` > 1 splits the CPU into
     that many logical devices and mirrors over them (tests the multi-device
     path without GPUs); otherwise the default one-device strategy.

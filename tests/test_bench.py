@@ -12,8 +12,12 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
-def bench(monkeypatch):
+def bench_dir_on_path(monkeypatch):
     monkeypatch.syspath_prepend(BENCH)
+
+
+@pytest.fixture
+def bench(bench_dir_on_path):
     import harness
     import nam_layer
 
@@ -54,3 +58,22 @@ def test_layer_bench_runs_in_seconds(bench, tmp_path):
     )
     assert "NAMAttention as shipped" in rows and all(np.isfinite(list(rows.values())))
     assert out.read_text().startswith("{")
+
+
+@pytest.mark.slow
+def test_chaos_run_survives_random_kills(bench_dir_on_path, tmp_path):
+    import chaos
+
+    report = chaos.chaos(
+        rounds=2,
+        epochs=2,
+        steps=3,
+        max_delay=6.0,
+        seed=1,
+        signals=["KILL", "TERM"],
+        workdir=str(tmp_path),
+    )
+    assert report["survived"] == 2 and report["optimizer_steps"] == 6
+    assert [r["signal"] for r in report["rounds"]] and all(
+        r["exit"] in chaos.SIGNALLED | {0} for r in report["rounds"]
+    )

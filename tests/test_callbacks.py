@@ -45,3 +45,21 @@ def test_stop_on_non_finite_loss_raises_at_the_step():
     stop.on_train_batch_end(0, {"loss": 1.5})  # finite: nothing happens
     with pytest.raises(NonFiniteLossError, match=r"became inf at step 4 of epoch 3"):
         stop.on_train_batch_end(4, {"loss": np.float32("inf")})
+
+
+def test_stop_on_signal_waits_for_the_step_to_end_and_restores_handlers():
+    import os
+    import signal
+
+    from nam_keras.errors import TrainingInterruptedError
+
+    previous = signal.getsignal(signal.SIGTERM)
+    stop = callbacks.StopOnSignal()
+    stop.on_train_begin()
+    stop.on_epoch_begin(2)
+    os.kill(os.getpid(), signal.SIGTERM)  # only sets a flag: no exception here
+    assert stop.received == signal.SIGTERM
+    with pytest.raises(TrainingInterruptedError, match="stopped by SIGTERM during epoch 3") as info:
+        stop.on_train_batch_end(0)
+    assert info.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is previous

@@ -2,6 +2,7 @@
 
 import json
 import socket
+import time
 
 import keras
 import numpy as np
@@ -95,3 +96,35 @@ def test_multi_worker_mirrored_two_processes(tmp_path, tiny_args, run_script):
     assert len(w0) == len(w1) == len(initial.get_weights())
     for a, b in zip(w0, w1):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_a_worker_that_never_starts_is_reported_after_the_timeout(tmp_path, tiny_args, run_script):
+    ports = _free_ports(2)  # nobody will listen on the second one
+    tf_config = json.dumps(
+        {
+            "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+            "task": {"type": "worker", "index": 0},
+        }
+    )
+    start = time.monotonic()
+    proc = run_script(
+        "train.py",
+        tiny_args("--epochs", "1", "--cluster-timeout", "3"),
+        env={"TF_CONFIG": tf_config},
+    )
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    assert f"worker(s) 127.0.0.1:{ports[1]} of TF_CONFIG did not start within 3 s" in out
+    assert time.monotonic() - start < 60
+
+
+def test_tf_config_with_a_chief():
+    text = json.dumps(
+        {
+            "cluster": {"chief": ["c:1"], "worker": ["w:2", "w:3"]},
+            "task": {"type": "worker", "index": 1},
+        }
+    )
+    assert distribute.read_tf_config(text) == (["c:1", "w:2", "w:3"], 2)
+    assert distribute.read_tf_config("") == ([], 0)

@@ -72,3 +72,19 @@ def test_bad_flags_exit_2_with_message(trained_model, capsys):
         evaluate.main([str(trained_model), "--near-zero", "2"])
     assert exit_info.value.code == 2
     assert "--near-zero must be in (0, 1]; received 2.0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("num_classes", [10])
+def test_a_model_that_is_not_a_cifar100_classifier(tmp_path, capsys, num_classes):
+    path = tmp_path / "ten.keras"
+    nam_keras.build_resnet(depth=18, width=4, num_classes=num_classes).save(path)
+    assert evaluate.main([str(path), "--skip-eval"]) == 2
+    assert "output has shape (None, 10); expected (None, 100)" in capsys.readouterr().err
+
+
+def test_report_paths_are_checked_before_the_evaluation(trained_model, tmp_path, capsys):
+    missing = tmp_path / "missing" / "r.json"
+    argv = [str(trained_model), "--dataset", "synthetic", "--json", str(missing)]
+    assert evaluate.main(argv) == 2
+    captured = capsys.readouterr()
+    assert "does not exist" in captured.err and "top-1" not in captured.out

@@ -107,3 +107,16 @@ def test_second_export_creates_version_2(trained_model, exported):
     path = export.export_saved_model(keras.models.load_model(trained_model), exported)
     assert path == os.path.join(str(exported), "2")
     assert sorted(os.listdir(exported)) == ["1", "2"]  # no temporary folder left behind
+
+
+def test_the_version_folder_is_readable_by_other_users(exported):
+    assert (exported / "1").stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
+
+
+def test_empty_and_oversized_batches_are_refused_with_a_message(exported):
+    serve = tf.saved_model.load(str(exported / "1")).signatures["serving_default"]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="at least one image"):
+        serve(images=tf.zeros((0, 32, 32, 3), tf.uint8))
+    too_many = export.MAX_SERVING_BATCH + 1
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"at most {too_many - 1} images"):
+        serve(images=tf.zeros((too_many, 32, 32, 3), tf.uint8))

@@ -27,3 +27,19 @@ def test_check_writable(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         io.check_writable(tmp_path / "missing" / "m.keras")
     assert os.listdir(tmp_path) == []
+
+
+def test_written_files_get_the_permissions_of_any_new_file(tmp_path):
+    old = os.umask(0o022)
+    try:
+        io.atomic_write_text(tmp_path / "a.json", "{}")
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    finally:
+        os.umask(old)
+
+
+def test_check_writable_refuses_names_the_file_system_cannot_hold(tmp_path):
+    with pytest.raises(ConfigError, match="its name is longer than the 255 bytes"):
+        io.check_writable(tmp_path / ("x" * 300 + ".keras"))
+    with pytest.raises(ConfigError, match=r"expected a \.json file path"):
+        io.check_writable(tmp_path, "a .json file path")

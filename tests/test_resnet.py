@@ -1,5 +1,6 @@
 """The CIFAR ResNet family: exact sizes, shapes, names, the attention hook, learning."""
 
+import os
 import subprocess
 import sys
 
@@ -173,3 +174,14 @@ def test_sync_bn_reaches_every_batch_normalization(layers_of):
     assert len(bns) == 1 + 2 * 8 + 3 + 8 and all(bn.synchronized for bn in bns)
     plain = layers_of(build_resnet(depth=18, width=8), keras.layers.BatchNormalization)
     assert not any(bn.synchronized for bn in plain)
+
+
+def test_a_keras_file_written_before_the_fused_batch_norm_still_loads():
+    """tests/data holds a NAM ResNet-18 (spatial NAM too) saved by version 0.1,
+    whose BNs were keras.layers.BatchNormalization, with its logits then."""
+    data = os.path.join(os.path.dirname(__file__), "data")
+    model = keras.models.load_model(os.path.join(data, "nam_resnet18_v0.1.keras"))
+    images = np.load(os.path.join(data, "nam_resnet18_v0.1_inputs.npy"))
+    want = np.load(os.path.join(data, "nam_resnet18_v0.1_logits.npy"))
+    np.testing.assert_allclose(model(images, training=False), want, rtol=1e-5, atol=1e-5)
+    assert len(nam_layers(model)) == 8 and nam_layers(model)[0].spatial

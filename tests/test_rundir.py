@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 
-from nam_keras import build_resnet, rundir
+from nam_keras import NAMAttention, batch_normalization, rundir
 from nam_keras.callbacks import EpochBackup
 from nam_keras.errors import ConfigError
 from nam_keras.optimizers import TorchSGD
@@ -30,8 +30,14 @@ def paths(tmp_path):
 
 
 def tiny_model(seed=0):
+    """A conv, one of our BNs, NAM and a classifier: seconds to build and fit."""
     keras.utils.set_random_seed(seed)
-    model = build_resnet(depth=18, width=4, input_shape=(8, 8, 3), num_classes=10)
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3)(inputs)
+    x = batch_normalization("bn")(x)
+    x = NAMAttention()(x)
+    outputs = keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inputs, outputs)
     model.compile(optimizer=TorchSGD(0.01), loss=keras.losses.SparseCategoricalCrossentropy(True))
     return model
 

@@ -330,3 +330,27 @@ def test_a_malformed_tf_config_is_a_clear_error(tiny_args, capsys, monkeypatch, 
     monkeypatch.setenv("TF_CONFIG", tf_config)
     assert train.main(tiny_args(*TWO_EPOCHS)) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_failed_final_save_keeps_the_work_and_a_rerun_writes_the_model(
+    tmp_path, tiny_args, capsys, monkeypatch
+):
+    from nam_keras import io
+
+    def disk_full(model, path):
+        raise OSError(28, "No space left on device")
+
+    args = tiny_args(*TWO_EPOCHS)
+    with monkeypatch.context() as patch:
+        patch.setattr(io, "save_model_atomic", disk_full)
+        assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert "could not write the model to" in err and "No space left on device" in err
+    assert "re-run the same command; it writes the model without training again" in err
+    assert [e for e, _ in rundir.backups(tmp_path / "run" / "backup")] == [2, 1]
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    assert "2 of 2 epochs done" in out and "done: resnet18_nam, 2 epochs" in out
+    model = keras.models.load_model(tmp_path / "run.keras")
+    assert int(model.optimizer.iterations) == 4  # the trained weights, not a fresh model
