@@ -7,6 +7,7 @@ import pickle
 import subprocess
 import sys
 import tarfile
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -69,6 +70,43 @@ def run_script():
         )
 
     return start
+
+
+@pytest.fixture
+def interrupt_when(run_script):
+    """`interrupt_when(args, path, signum)`: starts train.py with `args`, sends
+    `signum` as soon as `path` exists; returns `(exit code, output)`."""
+
+    def run(args, path, signum):
+        proc = run_script("train.py", args)
+        deadline = time.monotonic() + 120
+        while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signum)
+        out, _ = proc.communicate(timeout=120)
+        return proc.returncode, out
+
+    return run
+
+
+def forward_backward(fn, x, variables):
+    """`[fn(x), d loss/dx, d loss/d variables...]` as float32 NumPy arrays, for a
+    loss that is not a plain sum (so the incoming gradient varies)."""
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        out = fn(x)
+        out32 = tf.cast(out, "float32")
+        loss = tf.reduce_sum(out32 * tf.cos(out32))
+    grads = tape.gradient(loss, [x, *variables])
+    return [np.asarray(tf.cast(t, "float32")) for t in (out, *grads)]
+
+
+@pytest.fixture
+def gradients():
+    """`gradients(fn, x, variables)`, see `forward_backward`."""
+    return forward_backward
 
 
 def write_cifar_archive(path, n_train=6, n_test=4, seed=0, folder=False, drop=None):

@@ -4,7 +4,6 @@ import csv
 import json
 import os
 import signal
-import time
 
 import keras
 import numpy as np
@@ -57,17 +56,12 @@ def test_baseline_and_mixup(tmp_path, tiny_args, run_script):
 
 
 @pytest.mark.slow
-def test_kill_and_resume(tmp_path, tiny_args, run_script):
+def test_kill_and_resume(tmp_path, tiny_args, run_script, interrupt_when):
     """SIGKILL after the first epoch; the same command then runs only the rest."""
     args = tiny_args("--epochs", "3", "--steps-per-epoch", "12", "--val-freq", "0")
     first = tmp_path / "run" / "backup" / "epoch-00001.weights.h5"
-    proc = run_script("train.py", args)
-    deadline = time.monotonic() + 120
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    code, _ = interrupt_when(args, first, signal.SIGKILL)
+    assert code == -signal.SIGKILL, "training finished before it could be killed"
     done = max(epoch for epoch, _ in rundir.backups(tmp_path / "run" / "backup"))
     assert 1 <= done < 3
     assert not (tmp_path / "run.keras").exists()
@@ -212,16 +206,13 @@ def test_a_finished_run_is_never_trained_again_over_its_model(tmp_path, tiny_arg
 
 
 @pytest.mark.slow
-def test_sigterm_stops_cleanly_and_a_damaged_backup_falls_back(tmp_path, tiny_args, run_script):
+def test_sigterm_stops_cleanly_and_a_damaged_backup_falls_back(
+    tmp_path, tiny_args, run_script, interrupt_when
+):
     args = tiny_args("--epochs", "4", "--steps-per-epoch", "6", "--val-freq", "0")
     second = tmp_path / "run" / "backup" / "epoch-00002.weights.h5"
-    proc = run_script("train.py", args)
-    deadline = time.monotonic() + 120
-    while not second.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, out
+    code, out = interrupt_when(args, second, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, out
     assert "train.py: error: stopped by SIGTERM during epoch" in out
     assert "Re-run the same command to resume" in out
     backups = rundir.backups(tmp_path / "run" / "backup")
