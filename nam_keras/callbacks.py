@@ -35,7 +35,7 @@ class WarmupCosine(keras.callbacks.Callback):
     """Sets the optimizer's learning rate before every training step.
 
     The rate is computed from the optimizer's own iteration count, so it is
-    exact after `BackupAndRestore` (or any reload of the optimizer state)
+    exact after a resume from a backup (any reload of the optimizer state)
     resumes a run. The value is added to the epoch logs as `lr`, so that
     `History`, `CSVLogger` and `TensorBoard` placed after this callback record it.
 
@@ -84,7 +84,7 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
     """Raises `NonFiniteLossError` as soon as the loss is not finite.
 
     Unlike `keras.callbacks.TerminateOnNaN`, which lets the epoch end (so a
-    `BackupAndRestore` placed after it saves the broken weights), raising ends
+    backup callback placed after it saves the broken weights), raising ends
     `fit` at once: the last good backup stays on disk.
     """
 

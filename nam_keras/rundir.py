@@ -20,10 +20,13 @@ import dataclasses
 import glob
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import time
+
+import numpy as np
 
 from nam_keras import io
 from nam_keras.errors import ConfigError
@@ -333,7 +336,7 @@ def prepare(paths, resume):
 def disk_needed(model):
     """Bytes a run writes at most at once: two backups (weights and optimizer
     state) and the model, with a margin."""
-    weights = sum(int(v.numpy().nbytes) for v in model.weights)
+    weights = sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in model.weights)
     return 6 * weights + (16 << 20)
 
 

@@ -29,7 +29,7 @@ def test_schedule_callback_uses_the_optimizer_iteration_count():
     model.optimizer.build(model.trainable_variables)
     callback = callbacks.WarmupCosine(0.1, total_steps=10001, warmup_steps=2000)
     callback.set_model(model)
-    model.optimizer.iterations.assign(6000)  # as BackupAndRestore restores it
+    model.optimizer.iterations.assign(6000)  # as a resume from a backup restores it
     callback.on_train_batch_begin(0)
     assert float(model.optimizer.learning_rate) == pytest.approx(0.05)
     logs = {}
