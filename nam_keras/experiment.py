@@ -14,6 +14,7 @@ import csv
 import dataclasses
 import json
 import logging
+import os
 import time
 
 import keras
@@ -344,6 +345,11 @@ def train(config):
     devices = set_up_devices(config)
     paths = rundir.RunPaths(run_dir=config.resolved_run_dir, output=config.resolved_output)
     io.check_writable(paths.output)
+    created = not os.path.exists(paths.run_dir)
     rundir.make(paths)
-    with rundir.lock(paths):
-        return _fit(config, devices, paths)
+    try:
+        with rundir.lock(paths):
+            return _fit(config, devices, paths)
+    finally:
+        if created:
+            rundir.remove_if_unused(paths)  # a run that failed at start leaves nothing behind

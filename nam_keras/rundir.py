@@ -316,6 +316,14 @@ def check_layout(paths):
             )
 
 
+def remove_if_unused(paths):
+    """Removes the run directory when it holds nothing but the lock file."""
+    with contextlib.suppress(OSError):
+        if os.listdir(paths.run_dir) == [os.path.basename(paths.lock_file)]:
+            os.remove(paths.lock_file)
+            os.rmdir(paths.run_dir)
+
+
 def make(paths):
     """Creates the run directory; `ConfigError` naming it when the OS refuses."""
     io.make_folder(paths.run_dir)

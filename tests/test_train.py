@@ -345,3 +345,11 @@ def test_a_failed_final_save_keeps_the_work_and_a_rerun_writes_the_model(
     assert "2 of 2 epochs done" in out and "done: resnet18_nam, 2 epochs" in out
     model = keras.models.load_model(tmp_path / "run.keras")
     assert int(model.optimizer.iterations) == 4  # the trained weights, not a fresh model
+
+
+def test_a_run_that_fails_at_start_leaves_no_run_directory(tmp_path, tiny_args, capsys):
+    args = tiny_args(*TWO_EPOCHS, "--data-dir", str(tmp_path / "absent.tar.gz"))
+    args[args.index("synthetic")] = "cifar100"
+    assert train.main(args) == 2
+    assert "absent.tar.gz: no such file or folder" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
