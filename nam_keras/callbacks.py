@@ -129,8 +129,7 @@ class EpochBackup(keras.callbacks.Callback):
             rundir.backup_path(self.backup_dir, epoch + 1), suffix=".weights.h5"
         ) as tmp:
             self.model.save_weights(tmp)
-        for _, old in rundir.backups(self.backup_dir)[self.keep :]:
-            os.remove(old)
+        rundir.remove_backups(self.backup_dir, keep=self.keep)
 
 
 class StopOnSignal(keras.callbacks.Callback):

@@ -208,6 +208,15 @@ def _decode_pickle(raw, split, origin):
     return _check_split(np.ascontiguousarray(images), labels, split, origin)
 
 
+def _check_size(size, split, what):
+    """Refuses a split pickle larger than CIFAR-100's, before it is read."""
+    if size > MAX_MEMBER_BYTES[split]:
+        raise DataError(
+            f"{what} declares {size:,} bytes, more than CIFAR-100's {split} split can hold "
+            f"({MAX_MEMBER_BYTES[split]:,}); refused without reading it."
+        )
+
+
 def _split_of(member, path):
     """The split a tar member holds ("train"/"test"), or None for anything
     else; refuses a split member larger than CIFAR-100's before reading it.
@@ -216,12 +225,7 @@ def _split_of(member, path):
     folder = os.path.basename(os.path.dirname(member.name))
     if not (member.isfile() and split in FULL_SIZES and folder in (FOLDER_NAME, "")):
         return None
-    if member.size > MAX_MEMBER_BYTES[split]:
-        raise DataError(
-            f"{path}: member {member.name} declares {member.size:,} bytes, more than "
-            f"CIFAR-100's {split} split can hold ({MAX_MEMBER_BYTES[split]:,}); refused "
-            "without reading it."
-        )
+    _check_size(member.size, split, f"{path}: member {member.name}")
     return split
 
 
@@ -251,11 +255,7 @@ def _read_folder(folder):
     out = {}
     for split in FULL_SIZES:
         path = os.path.join(folder, split)
-        if os.path.getsize(path) > MAX_MEMBER_BYTES[split]:
-            raise DataError(
-                f"{path}: {os.path.getsize(path):,} bytes, more than CIFAR-100's "
-                f"{split} split can hold ({MAX_MEMBER_BYTES[split]:,}); refused."
-            )
+        _check_size(os.path.getsize(path), split, path)
         with open(path, "rb") as f:
             out[split] = _decode_pickle(f.read(), split, path)
     return out

@@ -216,7 +216,7 @@ def save_outputs(model, history, config, paths, started):
         **logs,
     }
     io.atomic_write_text(paths.summary_json, json.dumps(summary, indent=2) + "\n")
-    rundir.remove_backups(paths)  # only once the model and the summary are safe
+    rundir.remove_backups(paths.backup)  # only once the model and the summary are safe
     return logs, summary
 
 
@@ -301,7 +301,7 @@ def _fit(config, devices, paths):
             f"this run is complete ({done['epochs']} epochs, model -> {done['output']});"
             " nothing to do. Pass --no-resume to train it again."
         )
-        rundir.remove_backups(paths)  # leftovers of a run stopped while cleaning up
+        rundir.remove_backups(paths.backup)  # leftovers of a run stopped while cleaning up
         return TrainResult(model=keras.models.load_model(done["output"]), logs={}, summary=done)
     write_config(paths, resolved, config.resume)
     model = build_and_compile(config, devices)

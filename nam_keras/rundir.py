@@ -243,18 +243,22 @@ def restore(model, paths, epochs, steps_per_epoch):
     )
 
 
-def remove_backups(paths, keep=0):
-    """Deletes this program's backup files but the newest `keep`; never other files."""
-    names = [os.path.basename(p) for _, p in backups(paths.backup)]
-    doomed = names[keep:] + glob.glob(os.path.join(paths.backup, ".tmp-*"))
+def remove_backups(backup_dir, keep=0):
+    """Deletes this program's backup files but the newest `keep`, and its
+    leftover temporary files; never other files. With `keep=0` the folder
+    goes too, when nothing else is in it."""
+    names = [os.path.basename(p) for _, p in backups(backup_dir)]
+    doomed = names[keep:] + [
+        os.path.basename(p) for p in glob.glob(os.path.join(backup_dir, ".tmp-*"))
+    ]
     if keep == 0:
         doomed += [LEGACY_BACKUP[1], LEGACY_BACKUP[1] + ".bkp", LEGACY_BACKUP[0] + ".bkp"]
     for name in doomed:
         with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(paths.backup, name))
+            os.remove(os.path.join(backup_dir, name))
     if keep == 0:
         with contextlib.suppress(OSError):
-            os.rmdir(paths.backup)  # only when nothing else is in it
+            os.rmdir(backup_dir)  # only when nothing else is in it
 
 
 # ------------------------------------------------------------------ starting a run
@@ -276,7 +280,7 @@ def start_afresh(paths):
             "they may not have been written by train.py; they are left alone. Move them away "
             "or choose another --run-dir."
         )
-    remove_backups(paths)
+    remove_backups(paths.backup)
     if os.path.exists(paths.summary_json) and owned(paths):
         os.remove(paths.summary_json)
     if os.path.exists(paths.log_csv):

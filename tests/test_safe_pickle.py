@@ -130,3 +130,12 @@ def test_links_in_the_archive_are_ignored(tmp_path):
         tar.addfile(escape, io.BytesIO(good))
     with pytest.raises(DataError, match="has no cifar-100-python/train member"):
         data.read_cifar100_python(path)
+
+
+def test_an_oversized_file_in_the_extracted_folder_is_refused_unread(
+    tmp_path, make_cifar_archive, monkeypatch
+):
+    folder, _ = make_cifar_archive(tmp_path, folder=True)
+    monkeypatch.setitem(data.MAX_MEMBER_BYTES, "train", 10)
+    with pytest.raises(DataError, match=r"cifar-100-python/train declares .* refused without"):
+        data.read_cifar100_python(folder)
