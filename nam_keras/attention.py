@@ -2,8 +2,8 @@
 
 `NAMAttention` is the Normalization-based Attention Module. Every attention
 layer is registered under a short name (`"nam"`, ...) with
-`register_attention`; `build_resnet(attention=NAME)` and
-`train.py --attention NAME` look it up there, so no module is special.
+`register_attention`; `build_resnet(attention=NAME)` looks it up there, so
+no module is special.
 """
 
 import keras

@@ -35,8 +35,8 @@ class WarmupCosine(keras.callbacks.Callback):
     """Sets the optimizer's learning rate before every training step.
 
     The rate is computed from the optimizer's own iteration count, so it is
-    exact after a resume from a backup (any reload of the optimizer state)
-    resumes a run. The value is added to the epoch logs as `lr`, so that
+    exact after a run resumes from a backup (or any reload of the optimizer
+    state). The value is added to the epoch logs as `lr`, so that
     `History`, `CSVLogger` and `TensorBoard` placed after this callback record it.
 
     Args:
