@@ -69,16 +69,10 @@ def timed(fn, steps, warmup):
 
 
 def forward_macs(model):
-    """Multiply-adds of one forward pass per image (convolutions and dense layers)."""
-    macs = 0
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.Conv2D):
-            _, h, w, c_out = layer.output.shape
-            kh, kw, c_in, _ = layer.kernel.shape
-            macs += h * w * kh * kw * c_in * c_out
-        elif isinstance(layer, keras.layers.Dense):
-            macs += int(np.prod(layer.kernel.shape))
-    return macs
+    """Multiply-adds of one forward pass per image (`nam_keras.resnet.forward_multiply_adds`)."""
+    from nam_keras.resnet import forward_multiply_adds
+
+    return forward_multiply_adds(model)
 
 
 def matmul_peak_flops(dtype, n=2048, repeats=10):

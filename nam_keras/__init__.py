@@ -14,7 +14,17 @@ from nam_keras.attention import (
     get_attention,
     register_attention,
 )
-from nam_keras.callbacks import StopOnNonFiniteLoss, WarmupCosine, warmup_cosine
+from nam_keras.attention_baselines import BAMAttention, CBAMAttention, SEAttention
+from nam_keras.callbacks import (
+    EpochCosine,
+    MultiStep,
+    NAMSparsity,
+    StopOnNonFiniteLoss,
+    WarmupCosine,
+    epoch_cosine,
+    multistep,
+    warmup_cosine,
+)
 from nam_keras.config import EvalConfig, TrainConfig
 from nam_keras.errors import (
     ConfigError,
@@ -42,12 +52,18 @@ __all__ = [
     "CIFAR100_MEAN",
     "CIFAR100_STD",
     "RESNET_CONFIGS",
+    "BAMAttention",
+    "CBAMAttention",
     "ConfigError",
     "DataError",
+    "EpochCosine",
     "EvalConfig",
     "ModelError",
+    "MultiStep",
     "NAMAttention",
+    "NAMSparsity",
     "NonFiniteLossError",
+    "SEAttention",
     "StopOnNonFiniteLoss",
     "TorchSGD",
     "TrainConfig",
@@ -56,7 +72,9 @@ __all__ = [
     "batch_normalization",
     "build_resnet",
     "create_attention",
+    "epoch_cosine",
     "get_attention",
+    "multistep",
     "nam_layers",
     "register_attention",
     "warmup_cosine",

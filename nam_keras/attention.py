@@ -1,7 +1,8 @@
 """Attention modules for the ResNet blocks, and the registry that names them.
 
-`NAMAttention` is the Normalization-based Attention Module. Every attention
-layer is registered under a short name (`"nam"`, ...) with
+`NAMAttention` is the Normalization-based Attention Module; the modules it is
+compared with (SE, CBAM, BAM) are in `attention_baselines`. Every attention
+layer is registered under a short name (`"nam"`, `"se"`, ...) with
 `register_attention`; `build_resnet(attention=NAME)` looks it up there, so
 no module is special.
 """
@@ -24,7 +25,9 @@ def register_attention(name):
     A registered class is constructed as `cls(name=..., dtype=...,
     synchronized=..., **kwargs)` (timm's `create_attn` contract): it infers
     its number of channels from its input, and `synchronized` asks its
-    BatchNormalization layers, if any, for cross-replica statistics.
+    BatchNormalization layers, if any, for cross-replica statistics. Its
+    class attribute `placement` says where `build_resnet` puts it: `"block"`
+    (every residual block, the default) or `"stage"` (between stages, BAM).
 
     Args:
         name: the registry key, e.g. `"nam"`.
@@ -129,6 +132,9 @@ class NAMAttention(keras.layers.Layer):
     >>> [round(float(v), 6) for v in layer.losses]   # 1e-4 * sum |gamma| = 1e-4 * 16
     [0.0016]
     """
+
+    #: `build_resnet` puts NAM in every residual block.
+    placement = "block"
 
     def __init__(
         self,
@@ -264,6 +270,12 @@ class NAMAttention(keras.layers.Layer):
         if self.sparsity > 0.0:
             self.add_loss(ops.multiply(ops.cast(self.sparsity, "float32"), penalty))
         return x
+
+    def multiply_adds(self, input_shape):
+        """0: NAM has no convolution or dense layer (its BN and gate are
+        element-wise, which `forward_multiply_adds` does not count)."""
+        del input_shape
+        return 0
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)

@@ -45,21 +45,24 @@ def _argparse_type(check):
     return convert
 
 
-def _add_field(parser, groups, field):
+def _add_field(parser, groups, field, default):
     meta = field.metadata
     group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
     if meta.get("positional"):
         group.add_argument(field.name, help=meta["help"])
         return
-    if meta.get("flags"):  # mutually exclusive flags that each set one value
-        exclusive = group.add_mutually_exclusive_group()
+    if meta.get("flags"):  # shortcut flags that each set one value, exclusive with the option
+        group = group.add_mutually_exclusive_group()
         for option, (value, text) in meta["flags"].items():
-            exclusive.add_argument(
-                option, dest=field.name, action="store_const", const=value, help=text
+            group.add_argument(
+                option,
+                dest=field.name,
+                action="store_const",
+                const=value,
+                help=text,
+                default=default,
             )
-        parser.set_defaults(**{field.name: field.default})
-        return
-    kwargs = {"default": field.default, "help": meta["help"], "dest": field.name}
+    kwargs = {"default": default, "help": meta["help"], "dest": field.name}
     action = meta.get("action")
     if action == "boolean_optional":
         kwargs["action"] = argparse.BooleanOptionalAction
@@ -74,8 +77,12 @@ def _add_field(parser, groups, field):
     group.add_argument(flag(field), **kwargs)
 
 
-def build_parser(config_class, prog, description):
-    """An `argparse.ArgumentParser` with one option per field of `config_class`."""
+def build_parser(config_class, prog, description, explicit_only=False):
+    """An `argparse.ArgumentParser` with one option per field of `config_class`.
+
+    With `explicit_only`, the parsed namespace holds only the options given
+    (every default is `argparse.SUPPRESS`): what a recipe must not override.
+    """
     parser = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
@@ -83,19 +90,30 @@ def build_parser(config_class, prog, description):
     # the data options (shared by every command line) come last in --help
     fields = sorted(dataclasses.fields(config_class), key=lambda f: f.metadata["group"] == "data")
     for field in fields:
-        _add_field(parser, groups, field)
+        _add_field(parser, groups, field, argparse.SUPPRESS if explicit_only else field.default)
     return parser
 
 
+def _config_values(namespace):
+    """Namespace -> constructor arguments (argparse's lists become tuples)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in vars(namespace).items()}
+
+
 def parse_config(config_class, argv, prog, description):
-    """Parses `argv` into a `config_class`; bad flags exit 2 with argparse's message."""
+    """Parses `argv` into a `config_class`; bad flags exit 2 with argparse's message.
+
+    A `--recipe` presets its settings (`config.RECIPES`); the options given
+    on the command line win over it.
+    """
     parser = build_parser(config_class, prog, description)
-    namespace = parser.parse_args(argv)
-    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(config_class)}
-    if isinstance(values.get("synthetic_size"), list):
-        values["synthetic_size"] = tuple(values["synthetic_size"])
+    values = _config_values(parser.parse_args(argv))
     try:
-        return config_class(**values)
+        if "recipe" not in values:
+            return config_class(**values)
+        explicit = build_parser(config_class, prog, description, explicit_only=True)
+        given = _config_values(explicit.parse_args(argv))
+        given.pop("recipe", None)
+        return config_class.from_recipe(values["recipe"], **given)
     except ConfigError as err:
         parser.error(str(err))
 

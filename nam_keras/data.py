@@ -500,6 +500,14 @@ def augment_batch(
     return images
 
 
+#: --augment NAME -> arguments of `augment_batch` (`None`: no augmentation).
+AUGMENTATIONS = {
+    "reference": {},
+    "crop-flip": {"rotation_deg": 0.0, "brightness": 0.0, "contrast": 0.0},
+    "none": None,
+}
+
+
 def _with_options(ds):
     options = tf.data.Options()
     options.deterministic = True
@@ -512,7 +520,7 @@ def train_pipeline(
     ds,
     batch_size,
     seed=0,
-    augment=True,
+    augment="reference",
     randaugment=False,
     mixup=0.0,
     cutmix=0.0,
@@ -529,7 +537,9 @@ def train_pipeline(
     The same seed gives the same batches.
 
     Args:
-        augment: the reference augmentation (`augment_batch`).
+        augment: `"reference"` (`augment_batch`: crop, flip, rotation,
+            brightness, contrast), `"crop-flip"` (the official NAM code's:
+            4-pixel pad + crop and flip only) or `"none"`.
         randaugment: also apply `keras.layers.RandAugment`.
         mixup: MixUp alpha (0 disables); `keras.layers.MixUp`.
         cutmix: CutMix alpha (0 disables); `keras.layers.CutMix`.
@@ -537,6 +547,8 @@ def train_pipeline(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; received {batch_size}.")
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {sorted(AUGMENTATIONS)}; received {augment!r}.")
     n = int(ds.cardinality())
     if n >= 0 and n < batch_size:
         raise DataError(f"batch_size {batch_size} is larger than the {n} training examples.")
@@ -560,8 +572,8 @@ def train_pipeline(
     def transform(batch, batch_seed):
         images, labels = batch
         images = tf.cast(images, tf.float32)
-        if augment:
-            images = augment_batch(images, batch_seed)
+        if AUGMENTATIONS[augment] is not None:
+            images = augment_batch(images, batch_seed, **AUGMENTATIONS[augment])
         if rand_aug is not None:
             images = rand_aug(images, training=True)
         if mixers:

@@ -24,7 +24,7 @@ from nam_keras import callbacks, data, distribute, io, rundir
 from nam_keras import config as settings
 from nam_keras.errors import ConfigError
 from nam_keras.optimizers import TorchSGD
-from nam_keras.resnet import build_resnet
+from nam_keras.resnet import build_resnet, forward_multiply_adds
 
 logger = logging.getLogger("nam_keras")
 
@@ -88,7 +88,7 @@ def load_datasets(config):
         tf.data.Dataset.from_tensor_slices(arrays["train"]),
         config.batch_size,
         seed=config.seed,
-        augment=not config.no_augment,
+        augment=config.augment,
         randaugment=config.randaugment,
         mixup=config.mixup,
         cutmix=config.cutmix,
@@ -136,7 +136,7 @@ def build_and_compile(config, devices):
         model = build_resnet(
             depth=config.depth,
             num_classes=data.NUM_CLASSES,
-            attention="nam" if nam else None,
+            attention=None if config.model == "baseline" else config.model,
             stem=config.stem,
             width=config.width,
             sync_bn=devices.sync_bn,
@@ -167,10 +167,27 @@ def build_and_compile(config, devices):
     return model
 
 
-def make_callbacks(config, paths, total_steps, resuming):
-    """Schedule, NaN stop, clean stop on signals, logs, and the per-epoch backup."""
+def schedule_callback(config, steps_per_epoch):
+    """The learning-rate callback of `config.schedule`."""
+    if config.schedule == "epoch-cosine":
+        return callbacks.EpochCosine(
+            config.peak_lr, steps_per_epoch, config.epochs, config.warmup_steps
+        )
+    if config.schedule == "multistep":
+        return callbacks.MultiStep(
+            config.peak_lr, steps_per_epoch, config.milestones, config.lr_decay, config.warmup_steps
+        )
+    total_steps = steps_per_epoch * config.epochs
+    return callbacks.WarmupCosine(config.peak_lr, total_steps, config.warmup_steps)
+
+
+def make_callbacks(config, paths, steps_per_epoch, resuming):
+    """Schedule, speed and NAM figures (logged), NaN stop, clean stop on
+    signals, logs, and the per-epoch backup."""
     return [
-        callbacks.WarmupCosine(config.peak_lr, total_steps, config.warmup_steps),
+        schedule_callback(config, steps_per_epoch),
+        callbacks.TrainingSpeed(config.batch_size),
+        callbacks.NAMSparsity(),
         callbacks.StopOnNonFiniteLoss(),
         callbacks.StopOnSignal(),
         keras.callbacks.CSVLogger(paths.log_csv, append=resuming),
@@ -212,6 +229,8 @@ def save_outputs(model, history, config, paths, started):
         "output": paths.output,
         "epochs": config.epochs,
         "optimizer_steps": int(ops.convert_to_numpy(model.optimizer.iterations)),
+        "parameters": model.count_params(),
+        "multiply_adds": forward_multiply_adds(model),
         "seconds": round(time.time() - started, 1),
         **logs,
     }
@@ -232,7 +251,8 @@ def _log_start(config, devices, resolved, resumed_epoch, backup):
         f"global batch {config.batch_size} ({resolved['per_replica_batch']} per replica); "
         f"peak LR {config.peak_lr:g} (--lr {config.lr:g} for batch 128, scaling "
         f"{config.lr_scaling}); {config.epochs} epochs x {resolved['steps_per_epoch']} steps = "
-        f"{total} steps, warmup {config.warmup_steps}"
+        f"{total} steps; schedule {config.schedule}, warmup {config.warmup_steps}; "
+        f"recipe {config.recipe}"
     )
     if config.warmup_steps >= total:
         logger.info(
@@ -266,14 +286,14 @@ def already_complete(config, paths, resolved):
     summary = rundir.completed(paths)
     if summary is None or summary["output"] != paths.output:
         return None
-    rundir.check_resumable(paths, resolved, settings.RESUME_KEYS)
+    rundir.check_resumable(paths, resolved, settings.RESUME_KEYS, settings.RESUME_DEFAULTS)
     return summary
 
 
 def write_config(paths, resolved, resume):
     """Checks a backup against the saved settings, then records this run's."""
     if resume and rundir.backups(paths.backup):
-        rundir.check_resumable(paths, resolved, settings.RESUME_KEYS)
+        rundir.check_resumable(paths, resolved, settings.RESUME_KEYS, settings.RESUME_DEFAULTS)
     text = json.dumps({rundir.OWNER_KEY: rundir.OWNER, **resolved}, indent=2, default=str)
     io.atomic_write_text(paths.config_json, text + "\n")
 
@@ -318,7 +338,9 @@ def _fit(config, devices, paths):
         validation_freq=config.val_freq or 1,
         verbose=config.verbose,
         shuffle=False,  # the pipeline shuffles, seeded, every epoch
-        callbacks=make_callbacks(config, paths, resolved["total_steps"], resumed_epoch is not None),
+        callbacks=make_callbacks(
+            config, paths, resolved["steps_per_epoch"], resumed_epoch is not None
+        ),
     )
     logs, summary = save_outputs(model, history, config, paths, started)
     _log_done(model, config, logs, summary)

@@ -9,7 +9,9 @@ import dataclasses
 
 import keras
 
+from nam_keras import attention_baselines  # noqa: F401  (registers se, cbam, bam)
 from nam_keras.attention import ATTENTIONS, NAMAttention, create_attention
+from nam_keras.initializers import CONV_INIT, DENSE_INIT
 from nam_keras.normalization import batch_normalization
 
 #: CIFAR-100 channel statistics on the [0, 1] scale (SPEC section 4).
@@ -28,17 +30,6 @@ STAGE_WIDTHS = (64, 128, 256, 512)
 STAGE_STRIDES = (1, 2, 2, 2)
 EXPANSION = {"basic": 1, "bottleneck": 4}
 STEMS = ("cifar", "imagenet")
-
-# He initialisation with fan-out, as torchvision initialises its ResNets.
-CONV_INIT = {
-    "class_name": "VarianceScaling",
-    "config": {"scale": 2.0, "mode": "fan_out", "distribution": "untruncated_normal"},
-}
-# torchvision's default nn.Linear initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-DENSE_INIT = {
-    "class_name": "VarianceScaling",
-    "config": {"scale": 1.0 / 3.0, "mode": "fan_in", "distribution": "uniform"},
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,17 +209,18 @@ def _validate(depth, num_classes, input_shape, stem, normalize_inputs, width):
 
 
 def attention_settings(attention, attention_kwargs, dtype, sync_bn):
-    """`(factory, tag)` for `BlockSettings` from `build_resnet`'s arguments.
+    """`(factory, tag, placement)` from `build_resnet`'s arguments.
 
     A registry name gives `create_attention(name, ...)` with the network's
-    dtype and BN synchronisation; a callable is called as
-    `attention(channels, name, **attention_kwargs)`.
+    dtype and BN synchronisation, placed where its class says (`placement`:
+    `"block"` or `"stage"`); a callable is called as
+    `attention(channels, name, **attention_kwargs)` in every block.
     """
     kwargs = dict(attention_kwargs or {})
     if attention is None:
         if kwargs:
             raise ValueError(f"attention_kwargs={kwargs!r} given with attention=None.")
-        return None, "plain"
+        return None, "plain", "block"
     if isinstance(attention, str):
         if attention not in ATTENTIONS:
             raise ValueError(
@@ -241,9 +233,9 @@ def attention_settings(attention, attention_kwargs, dtype, sync_bn):
             del channels  # registered layers infer their width from the input
             return create_attention(attention, name, dtype=dtype, **options)
 
-        return factory, attention
+        return factory, attention, getattr(ATTENTIONS[attention], "placement", "block")
     if callable(attention):
-        return (lambda channels, name: attention(channels, name, **kwargs)), "attn"
+        return (lambda channels, name: attention(channels, name, **kwargs)), "attn", "block"
     raise ValueError(
         f"`attention` must be one of {sorted(ATTENTIONS)}, None, or a callable "
         f"(channels, name) -> layer; received {attention!r}."
@@ -276,8 +268,10 @@ def build_resnet(
         attention: a name registered with `register_attention` (`"nam"`,
             the default), `None` for the plain ResNet, or a callable
             `(channels, name) -> keras.layers.Layer` (timm's `attn_layer`
-            hook). It is applied in every block after the last BN of the
-            residual branch, before the addition with the shortcut.
+            hook). A block module (`"nam"`, `"se"`, `"cbam"`, a callable) is
+            applied in every block after the last BN of the residual branch,
+            before the addition with the shortcut; a stage module (`"bam"`)
+            after every stage but the last.
         input_shape: `(height, width, channels)`; defaults to `(32, 32, 3)`.
         stem: `"cifar"` (3x3/1 conv, no pooling; default) or `"imagenet"`
             (7x7/2 conv and 3x3/2 max-pool).
@@ -312,8 +306,9 @@ def build_resnet(
     """
     input_shape = tuple(input_shape)
     _validate(depth, num_classes, input_shape, stem, normalize_inputs, width)
-    factory, tag = attention_settings(attention, attention_kwargs, dtype, sync_bn)
-    settings = BlockSettings(dtype=dtype, sync_bn=sync_bn, attention=factory, attention_tag=tag)
+    factory, tag, placement = attention_settings(attention, attention_kwargs, dtype, sync_bn)
+    in_blocks = factory if placement == "block" else None
+    settings = BlockSettings(dtype=dtype, sync_bn=sync_bn, attention=in_blocks, attention_tag=tag)
     kind, blocks_per_stage = RESNET_CONFIGS[depth]
 
     # === Functional Model ===
@@ -324,6 +319,8 @@ def build_resnet(
     for s, (blocks, stage_width, strides) in enumerate(stages, start=1):
         filters = stage_width * width // 64
         x = apply_stage(x, kind, filters, blocks, strides, f"stage{s}", settings)
+        if placement == "stage" and s < len(STAGE_WIDTHS):  # BAM: between stages
+            x = factory(x.shape[-1], f"stage{s}_{tag}")(x)
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool", dtype=stream_dtype(x, settings))(x)
     outputs = keras.layers.Dense(
         num_classes,
@@ -345,3 +342,27 @@ def nam_layers(model):
         A list of `NAMAttention` layers (empty for a model without NAM).
     """
     return [layer for layer in model.layers if isinstance(layer, NAMAttention)]
+
+
+def forward_multiply_adds(model):
+    """Multiply-adds of one forward pass per image: every `Conv2D` and
+    `Dense` layer of the model, and the attention layers' own (their
+    `multiply_adds(input_shape)`); BN, activations and pooling are not counted.
+
+    Args:
+        model: a built `keras.Model` with static spatial shapes.
+
+    Returns:
+        An integer.
+    """
+    macs = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            _, h, w, c_out = layer.output.shape
+            kh, kw, c_in, _ = layer.kernel.shape
+            macs += h * w * kh * kw * c_in * c_out
+        elif isinstance(layer, keras.layers.Dense):
+            macs += int(layer.kernel.shape[0] * layer.kernel.shape[1])
+        elif hasattr(layer, "multiply_adds"):
+            macs += layer.multiply_adds(layer.input.shape)
+    return macs

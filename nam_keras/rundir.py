@@ -156,8 +156,12 @@ def completed(paths):
     return None
 
 
-def check_resumable(paths, resolved, keys):
-    """Refuses a run directory whose `config.json` differs in `keys`."""
+def check_resumable(paths, resolved, keys, defaults=None):
+    """Refuses a run directory whose `config.json` differs in `keys`.
+
+    A key missing from that file (a setting added since it was written) is
+    taken to be `defaults[key]`, the value the older version used.
+    """
     old = read_json(paths.config_json, "the run's settings")
     if old is None:
         raise ConfigError(
@@ -165,6 +169,7 @@ def check_resumable(paths, resolved, keys):
             "be checked against this run; pass --no-resume to start afresh or choose "
             "another --run-dir."
         )
+    old = {**(defaults or {}), **old}
     changed = {k: (old.get(k), resolved[k]) for k in keys if old.get(k) != resolved[k]}
     if changed:
         raise ConfigError(

@@ -31,10 +31,9 @@ def test_parser_defaults_equal_the_table():
 def test_every_field_has_a_flag_and_help():
     help_text = train.build_parser().format_help()
     for field in dataclasses.fields(TrainConfig):
-        if field.name == "model":
-            assert "--nam" in help_text and "--baseline" in help_text
-        else:
-            assert config.flag(field) in help_text
+        assert config.flag(field) in help_text
+        for option in field.metadata.get("flags") or ():
+            assert option in help_text
 
 
 def test_flags_reach_the_config():
@@ -81,9 +80,9 @@ def test_resume_keys_come_from_the_table():
     files go, verbosity and device options may change."""
     assert config.RESUME_KEYS == (
         "model", "depth", "width", "stem", "spatial", "sparsity", "stop_gradient",
-        "epochs", "batch_size", "lr", "lr_scaling", "warmup_steps", "momentum",
-        "weight_decay", "steps_per_epoch", "no_augment", "randaugment", "mixup", "cutmix",
-        "seed", "precision", "num_classes", "mixing",
+        "epochs", "batch_size", "lr", "lr_scaling", "schedule", "warmup_steps", "milestones",
+        "lr_decay", "momentum", "weight_decay", "steps_per_epoch", "augment", "randaugment",
+        "mixup", "cutmix", "seed", "precision", "num_classes", "mixing",
     )  # fmt: skip
 
 
@@ -94,3 +93,61 @@ def test_to_dict_is_json_ready():
         and d["model"] == "nam"
         and len(d) == len(dataclasses.fields(TrainConfig))
     )
+
+
+def test_attention_flag_and_its_shortcuts():
+    parse = lambda argv: cli.parse_config(TrainConfig, argv, "train.py", "")
+    assert parse(["--attention", "cbam"]).model == "cbam"
+    assert parse(["--attention", "cbam"]).resolved_output == "cbam.keras"
+    assert parse(["--baseline"]).model == "baseline" and parse(["--nam"]).model == "nam"
+    assert parse(["--no-augment"]).augment == "none"
+    assert parse(["--augment", "crop-flip"]).augment == "crop-flip"
+
+
+def test_attention_and_a_shortcut_are_exclusive(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_config(TrainConfig, ["--baseline", "--attention", "se"], "train.py", "")
+    assert exit_info.value.code == 2
+    assert "not allowed with argument --baseline" in capsys.readouterr().err
+
+
+def test_recipes_resolve_to_their_sources():
+    parse = lambda argv: cli.parse_config(TrainConfig, argv, "train.py", "")
+    seed = parse(["--recipe", "seed"])
+    assert (seed.epochs, seed.batch_size, seed.peak_lr, seed.warmup_steps) == (300, 256, 0.01, 2000)
+    assert (seed.schedule, seed.augment, seed.momentum, seed.weight_decay) == (
+        "epoch-cosine",
+        "reference",
+        0.9,
+        5e-4,
+    )
+    official = parse(["--recipe", "official"])
+    assert (official.epochs, official.batch_size, official.peak_lr) == (200, 128, 0.1)
+    assert (official.schedule, official.milestones, official.lr_decay) == (
+        "multistep",
+        (60, 120, 160),
+        0.2,
+    )
+    assert (official.warmup_steps, official.augment, official.stop_gradient) == (
+        0,
+        "crop-flip",
+        True,
+    )
+    assert official.sparsity == 1e-4 and official.recipe == "official"
+    assert parse(["--recipe", "default"]) == TrainConfig()
+
+
+def test_every_flag_given_overrides_the_recipe():
+    """Even a flag equal to the table's default: what was typed wins."""
+    argv = ["--recipe", "official", "--epochs", "300", "--milestones", "2", "3"]
+    c = cli.parse_config(TrainConfig, [*argv, "--augment", "reference"], "train.py", "")
+    assert (c.epochs, c.milestones, c.augment, c.batch_size) == (300, (2, 3), "reference", 128)
+    assert c == TrainConfig.from_recipe(
+        "official", epochs=300, milestones=(2, 3), augment="reference"
+    )
+    assert config.to_dict(c)["milestones"] == [2, 3] and config.to_dict(c)["recipe"] == "official"
+
+
+def test_milestones_must_increase():
+    with pytest.raises(ConfigError, match=r"--milestones must be strictly increasing"):
+        TrainConfig(milestones=(120, 60))

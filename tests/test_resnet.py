@@ -131,7 +131,7 @@ def test_pluggable_attention_hook():
     [
         ({"depth": 20}, "Unsupported depth 20"),
         ({"stem": "tiny"}, "Unknown stem 'tiny'"),
-        ({"attention": "se"}, "Unknown attention 'se'"),
+        ({"attention": "eca"}, "Unknown attention 'eca'"),
         ({"attention": 3}, "`attention` must be"),
         ({"num_classes": 0}, "num_classes"),
         ({"input_shape": (32, 32)}, "input_shape"),
