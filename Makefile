@@ -16,8 +16,9 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 train: $(VENV)/.installed
 	$(PY) train.py --nam --epochs 300 $(ARGS)
 
+# Two processes (pytest-xdist); the JAX run of the model-side tests is one of the tests.
 test: $(VENV)/.installed lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

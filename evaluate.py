@@ -23,7 +23,9 @@ def run(config):
     from nam_keras import evaluation, export
     from nam_keras.io import atomic_write_text, check_writable, make_folder
 
-    # paths first: a bad one must not cost the whole evaluation
+    # backend and paths first: a bad one must not cost the whole evaluation
+    if config.export:
+        export.check_backend()
     if config.json:
         check_writable(config.json, "a .json file path")
     if config.plots:

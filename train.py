@@ -1,7 +1,8 @@
-"""Train the NAM ResNet (or the plain baseline) on CIFAR-100.
+"""Train the NAM ResNet (or the plain baseline, or SE/CBAM/BAM) on CIFAR-100.
 
     python train.py --nam --epochs 300          # writes nam.keras
     python train.py --baseline --epochs 300     # writes baseline.keras
+    python train.py --attention cbam --recipe official   # writes cbam.keras
     python train.py --dataset synthetic --depth 18 --width 8 --epochs 1 --steps-per-epoch 2
 
 Re-running the same command after a crash resumes from the last completed epoch

@@ -13,16 +13,15 @@ the real data. The pipeline's cost is 1 - fit / bare images/s.
 import time
 
 import harness
-import tensorflow as tf
 
 from nam_keras import data
-from nam_keras.distribute import resolve_jit, resolve_precision
+from nam_keras.distribute import accelerators, resolve_jit, resolve_precision
 
 
 def main(argv=None):
     args = harness.add_model_arguments(harness.parser(__doc__, steps=10, warmup=2)).parse_args(argv)
 
-    gpus = tf.config.list_physical_devices("GPU")
+    gpus = accelerators()
     precision, xla = resolve_precision("auto", gpus), resolve_jit("auto", gpus)
     model = harness.compiled_resnet(args.depth, args.width, precision, xla)
     n = args.batch_size * (args.steps + args.warmup)

@@ -66,13 +66,14 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, blocks=(3, 4, 6, 3), num_classes=100, nam=True):
+    def __init__(self, blocks=(3, 4, 6, 3), num_classes=100, nam=True, width=64):
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()
+            nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
         )
-        layers, cin = [], 64
-        for n, width, stride in zip(blocks, (64, 128, 256, 512), (1, 2, 2, 2)):
+        layers, cin = [], width
+        widths = (width, 2 * width, 4 * width, 8 * width)
+        for n, width, stride in zip(blocks, widths, (1, 2, 2, 2)):
             for b in range(n):
                 layers.append(Bottleneck(cin, width, stride if b == 0 else 1, nam))
                 cin = width * 4
@@ -147,12 +148,11 @@ def main(argv=None):
     best_eager = max(eager, key=eager.get)
     best = max(results, key=results.get)
 
-    import tensorflow as tf
     from train_step import measure
 
-    from nam_keras.distribute import resolve_jit, resolve_precision
+    from nam_keras.distribute import accelerators, resolve_jit, resolve_precision
 
-    gpus = tf.config.list_physical_devices("GPU")
+    gpus = accelerators()
     precision, xla = resolve_precision("auto", gpus), resolve_jit("auto", gpus)
     ours = measure(50, 64, args.batch_size, precision, xla, "nam", args.steps, args.warmup)
     ours = ours["images_per_s"]

@@ -1,4 +1,5 @@
-"""Device choices: precision policy, XLA, and the `tf.distribute` strategy."""
+"""Device choices: the accelerators of the Keras backend, precision policy,
+XLA, and the `tf.distribute` strategy (TensorFlow backend only)."""
 
 import contextlib
 import json
@@ -6,7 +7,76 @@ import os
 import threading
 import time
 
+import keras
+
 from nam_keras.errors import ConfigError
+
+
+def backend():
+    """The Keras backend: `"tensorflow"`, `"jax"` or `"torch"`."""
+    return keras.backend.backend()
+
+
+def accelerators():
+    """The GPUs the Keras backend sees, as `(name, compute capability major)` pairs."""
+    name = backend()
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        details = [tf.config.experimental.get_device_details(g) for g in gpus]
+        return [(g.name, (d.get("compute_capability") or (0, 0))[0]) for g, d in zip(gpus, details)]
+    if name == "jax":
+        import jax
+
+        gpus = [d for d in jax.devices() if d.platform == "gpu"]
+        return [
+            (str(d), int(str(getattr(d, "compute_capability", "0")).split(".")[0])) for d in gpus
+        ]
+    if name == "torch":
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [(f"cuda:{i}", torch.cuda.get_device_capability(i)[0]) for i in range(count)]
+    return []
+
+
+class OneDevice:
+    """The "strategy" of the JAX and PyTorch backends: one device, no replicas."""
+
+    num_replicas_in_sync = 1
+
+    def scope(self):
+        """A context that changes nothing."""
+        return contextlib.nullcontext()
+
+
+def check_backend_supports(cpu_replicas=0, sync_bn=None, tf_config=None):
+    """`ConfigError` when a TensorFlow-only feature is asked for under another backend.
+
+    `tf.distribute` (several GPUs, `--cpu-replicas`, `TF_CONFIG` clusters,
+    `--sync-bn`) exists only on TensorFlow; on JAX and PyTorch `train.py` trains
+    on one device.
+    """
+    name = backend()
+    if name == "tensorflow":
+        return
+    workers, _ = read_tf_config(tf_config)
+    asked = [
+        what
+        for what, on in (
+            (f"--cpu-replicas {cpu_replicas}", cpu_replicas > 1),
+            ("--sync-bn", bool(sync_bn)),
+            (f"TF_CONFIG with {len(workers)} workers", len(workers) > 1),
+        )
+        if on
+    ]
+    if asked:
+        raise ConfigError(
+            f"{', '.join(asked)} needs tf.distribute, which only the TensorFlow backend has; "
+            f"KERAS_BACKEND is {name!r}, which trains on one device. Run with "
+            "KERAS_BACKEND=tensorflow, or drop the option."
+        )
 
 
 def cpu_prefers_bf16(cpuinfo=None):
@@ -31,16 +101,18 @@ def cpu_prefers_bf16(cpuinfo=None):
     return "amx_bf16" in flags
 
 
-def resolve_precision(precision, gpus):
+def resolve_precision(precision, gpus, backend_name="tensorflow"):
     """The Keras dtype policy for `--precision`.
 
     `auto` -> mixed_bfloat16 on Ampere or newer GPUs, mixed_float16 on older
-    GPUs; on CPUs mixed_bfloat16 where the CPU has AMX-BF16 (`cpu_prefers_bf16`),
-    else float32 (the README's performance table has the figures).
+    GPUs; on CPUs, with TensorFlow, mixed_bfloat16 where the CPU has AMX-BF16
+    (`cpu_prefers_bf16`; the README's performance table has the figures),
+    else float32 (JAX and PyTorch CPU training were not measured: float32).
 
     Args:
         precision: `"auto"` or a Keras dtype policy name.
-        gpus: the visible GPUs (`tf.config.list_physical_devices("GPU")`).
+        gpus: `accelerators()`: `(name, compute capability major)` pairs.
+        backend_name: the Keras backend.
 
     Returns:
         A dtype policy name.
@@ -48,20 +120,20 @@ def resolve_precision(precision, gpus):
     if precision != "auto":
         return precision
     if gpus:
-        import tensorflow as tf
-
-        details = tf.config.experimental.get_device_details(gpus[0])
-        major = (details.get("compute_capability") or (0, 0))[0]
-        return "mixed_bfloat16" if major >= 8 else "mixed_float16"
-    return "mixed_bfloat16" if cpu_prefers_bf16() else "float32"
+        return "mixed_bfloat16" if gpus[0][1] >= 8 else "mixed_float16"
+    if backend_name == "tensorflow" and cpu_prefers_bf16():
+        return "mixed_bfloat16"
+    return "float32"
 
 
-def resolve_jit(jit_compile, gpus):
-    """`auto` -> XLA on GPUs; off on CPUs (XLA made CPU training 1.5-3.5x
-    slower, README performance table). Returns a bool."""
-    if jit_compile == "auto":
-        return bool(gpus)
-    return jit_compile == "on"
+def resolve_jit(jit_compile, gpus, backend_name="tensorflow"):
+    """`--jit-compile` as a bool. `auto`: on TensorFlow, XLA on GPUs and off
+    on CPUs (XLA made CPU training 1.5-3.5x slower, README performance
+    table); on JAX always (JAX without `jit` runs op by op); on PyTorch off
+    (`torch.compile`, Keras' default there)."""
+    if jit_compile != "auto":
+        return jit_compile == "on"
+    return {"tensorflow": bool(gpus), "jax": True}.get(backend_name, False)
 
 
 def _patch_multi_worker_reduce(strategy):
@@ -201,8 +273,12 @@ def make_strategy(cpu_replicas=0, cluster_timeout=600.0):
     `wait_for_workers`);
     several GPUs -> `MirroredStrategy`; `cpu_replicas` > 1 splits the CPU into
     that many logical devices and mirrors over them (tests the multi-device
-    path without GPUs); otherwise the default one-device strategy.
+    path without GPUs); otherwise the default one-device strategy. Under
+    the JAX and PyTorch backends: `OneDevice` (see `check_backend_supports`).
     """
+    check_backend_supports(cpu_replicas, tf_config=os.environ.get("TF_CONFIG"))
+    if backend() != "tensorflow":
+        return OneDevice()
     import tensorflow as tf
 
     workers, index = read_tf_config(os.environ.get("TF_CONFIG"))
@@ -224,13 +300,12 @@ def make_strategy(cpu_replicas=0, cluster_timeout=600.0):
 def strategy_name(strategy):
     """A readable name: "one device", "MirroredStrategy", ..."""
     name = type(strategy).__name__
-    if name.startswith("_Default"):
+    if name.startswith("_Default") or name == "OneDevice":
         return "one device"
     return {"CollectiveAllReduceStrategy": "MultiWorkerMirroredStrategy"}.get(name, name)
 
 
 def device_summary(gpus):
-    """`"2 GPU(s)"` or `"CPU (N cores)"`."""
-    if gpus:
-        return f"{len(gpus)} GPU(s)"
-    return f"CPU ({os.cpu_count()} cores)"
+    """`"2 GPU(s) (Keras backend jax)"` or `"CPU (N cores) (Keras backend tensorflow)"`."""
+    where = f"{len(gpus)} GPU(s)" if gpus else f"CPU ({os.cpu_count()} cores)"
+    return f"{where}, Keras backend {backend()}"

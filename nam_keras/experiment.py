@@ -54,25 +54,26 @@ class TrainResult:
 
 
 def set_up_devices(config):
-    """Seeds, strategy, precision policy and XLA for this process."""
-    import tensorflow as tf
-
+    """Seeds, strategy, precision policy and XLA for this process, for the
+    Keras backend in use (`tf.distribute` only on TensorFlow)."""
+    backend = distribute.backend()
+    distribute.check_backend_supports(config.cpu_replicas, config.sync_bn)
     keras.utils.set_random_seed(config.seed)
     strategy = distribute.make_strategy(config.cpu_replicas, config.cluster_timeout)
-    gpus = tf.config.list_physical_devices("GPU")
+    gpus = distribute.accelerators()
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:
         raise ConfigError(
             f"--batch-size {config.batch_size} (the global batch) is not divisible by the "
             f"{replicas} replicas of {distribute.strategy_name(strategy)}."
         )
-    precision = distribute.resolve_precision(config.precision, gpus)
+    precision = distribute.resolve_precision(config.precision, gpus, backend)
     keras.mixed_precision.set_global_policy(precision)
     return Devices(
         strategy=strategy,
         gpus=gpus,
         precision=precision,
-        jit_compile=distribute.resolve_jit(config.jit_compile, gpus),
+        jit_compile=distribute.resolve_jit(config.jit_compile, gpus, backend),
         replicas=replicas,
         sync_bn=replicas > 1 if config.sync_bn is None else config.sync_bn,
     )
@@ -125,6 +126,7 @@ def resolved_config(config, devices, paths, n_train):
         "total_steps": steps_per_epoch * config.epochs,
         "train_examples": n_train,
         "mixing": config.mixing,
+        "backend": distribute.backend(),
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
     }
 

@@ -7,12 +7,23 @@ import tempfile
 import keras
 
 from nam_keras.data import IMAGE_SHAPE
-from nam_keras.errors import ModelError
+from nam_keras.errors import ConfigError, ModelError
 from nam_keras.io import current_umask
 
 #: Largest batch one request may send (about 3 MB of pixels); larger ones are refused
 #: before the model runs, instead of exhausting the server's memory.
 MAX_SERVING_BATCH = 1024
+
+
+def check_backend():
+    """`ConfigError` unless Keras runs on TensorFlow, which the SavedModel needs."""
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise ConfigError(
+            f"the TF Serving export needs the TensorFlow backend; KERAS_BACKEND is {backend!r}. "
+            "A .keras file written under any backend loads there: run "
+            "KERAS_BACKEND=tensorflow python evaluate.py MODEL --export DIR."
+        )
 
 
 def next_version(export_dir):
@@ -30,8 +41,10 @@ def export_saved_model(model, export_dir, verbose=False):
     pixels; outputs `probabilities` float32 (None, num_classes) and
     `top5_classes` int32 (None, 5). The version is written to a temporary
     folder and renamed, so TF Serving never sees half a model and no existing
-    version is overwritten. Returns the version's path.
+    version is overwritten. Returns the version's path. Needs the TensorFlow
+    backend (`check_backend`).
     """
+    check_backend()
     import tensorflow as tf
 
     export_dir = os.fspath(export_dir)

@@ -70,8 +70,15 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
             (how `NAMAttention` weights its BN output without another pass).
     """
 
-    def __init__(self, fused=None, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, fused=None, synchronized=False, **kwargs):
+        # `synchronized` is a tf.distribute notion, which Keras refuses on other
+        # backends. There the layer uses the statistics of the batch it sees (under
+        # keras.distribution's data parallelism on JAX that batch is one sharded
+        # array, so its statistics are the global batch's), and it keeps the
+        # setting in its config, so a model saved on TensorFlow loads everywhere.
+        tensorflow = keras.backend.backend() == "tensorflow"
+        super().__init__(synchronized=bool(synchronized) and tensorflow, **kwargs)
+        self.requested_synchronized = bool(synchronized)
         self.fused = _default_fused[-1] if fused is None else fused
 
     def _uses_fused_kernel(self, inputs, mask):
@@ -136,7 +143,8 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
         )[0]
 
     def get_config(self):
-        return {**super().get_config(), "fused": self.fused}
+        config = super().get_config()
+        return {**config, "fused": self.fused, "synchronized": self.requested_synchronized}
 
 
 def batch_normalization(

@@ -10,6 +10,17 @@ import tarfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# JAX compiles every new shape (a ResNet's initialisers included) with XLA: a
+# compilation cache shared by this run's processes (the JAX run of the suite and
+# the child processes of tests/test_backends.py) compiles each once.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax"
+    ),
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import keras
 import numpy as np
@@ -20,6 +31,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: The flags of a tiny, seconds-long train.py run (add --epochs etc.).
 TINY = "--dataset synthetic --synthetic-size 64 16 --depth 18 --width 4 --batch-size 8".split()
 TINY += ["--precision", "float32", "--verbose", "2"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.tensorflow_only` tests (TensorFlow's kernels, tapes, graphs)
+    are skipped when the suite runs under another Keras backend."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return
+    skip = pytest.mark.skip(reason=f"TensorFlow-only; KERAS_BACKEND={backend}")
+    for item in items:
+        if "tensorflow_only" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
@@ -74,11 +97,12 @@ def run_script():
 
 @pytest.fixture
 def interrupt_when(run_script):
-    """`interrupt_when(args, path, signum)`: starts train.py with `args`, sends
-    `signum` as soon as `path` exists; returns `(exit code, output)`."""
+    """`interrupt_when(args, path, signum, env=None)`: starts train.py with `args`
+    (and `env` added to the environment), sends `signum` as soon as `path`
+    exists; returns `(exit code, output)`."""
 
-    def run(args, path, signum):
-        proc = run_script("train.py", args)
+    def run(args, path, signum, env=None):
+        proc = run_script("train.py", args, env=env)
         deadline = time.monotonic() + 120
         while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -77,3 +77,36 @@ def test_chaos_run_survives_random_kills(bench_dir_on_path, tmp_path):
     assert [r["signal"] for r in report["rounds"]] and all(
         r["exit"] in chaos.SIGNALLED | {0} for r in report["rounds"]
     )
+
+
+@pytest.mark.slow
+def test_gpu_bench_smoke_mode_runs_every_keras_path_on_jax(tmp_path):
+    """bench/gpu.py on a CPU, seconds: the jitted stateless steps, bf16, several
+    steps per execution, the matmul peak and the summary (PyTorch rows when
+    PyTorch is installed)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "gpu.py"), "--smoke", "--json", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    keras_rows = [r for r in result["rows"] if r["framework"] == "keras-jax"]
+    assert [(r["precision"], r["batch"], r["config"]) for r in keras_rows] == [
+        ("mixed_bfloat16", 8, "XLA, steps_per_execution 2")
+    ]
+    assert all(r["baseline"] > 0 and r["nam"] > 0 for r in result["rows"])
+    summary = result["summary"]
+    assert summary["bf16_matmul_peak_tflops"] > 0
+    assert 0 < summary["nam_fraction_of_peak"] < 1
+    assert summary["nam_overhead_at_best"] == pytest.approx(
+        keras_rows[0]["baseline"] / keras_rows[0]["nam"]
+    )

@@ -26,6 +26,14 @@ def test_resolve_precision_on_cpus(monkeypatch, precision, cpu_bf16, want):
     assert distribute.resolve_precision(precision, gpus=[]) == want
 
 
+def test_resolve_precision_on_gpus_and_other_backends(monkeypatch):
+    monkeypatch.setattr(distribute, "cpu_prefers_bf16", lambda: True)
+    assert distribute.resolve_precision("auto", [("H100", 9)]) == "mixed_bfloat16"
+    assert distribute.resolve_precision("auto", [("V100", 7)], "jax") == "mixed_float16"
+    # bf16 on AMX CPUs was measured with TensorFlow only
+    assert distribute.resolve_precision("auto", [], "jax") == "float32"
+
+
 @pytest.mark.parametrize(
     "flags, want",
     [
@@ -41,9 +49,11 @@ def test_bf16_only_where_the_cpu_has_amx(flags, want):
 
 def test_resolve_jit():
     assert distribute.resolve_jit("auto", gpus=[]) is False
-    assert distribute.resolve_jit("auto", gpus=["GPU:0"]) is True
+    assert distribute.resolve_jit("auto", gpus=[("GPU:0", 9)]) is True
+    assert distribute.resolve_jit("auto", gpus=[], backend_name="jax") is True  # jit, always
+    assert distribute.resolve_jit("auto", gpus=[("cuda:0", 9)], backend_name="torch") is False
     assert distribute.resolve_jit("on", gpus=[]) is True
-    assert distribute.resolve_jit("off", gpus=["GPU:0"]) is False
+    assert distribute.resolve_jit("off", gpus=[("GPU:0", 9)]) is False
 
 
 @pytest.mark.slow

@@ -15,11 +15,11 @@ def test_torch_sgd_matches_the_pytorch_update_by_hand():
     opt.apply([g1], [var])
     buf = g1 + 0.01 * w0
     w1 = w0 - 0.1 * buf
-    np.testing.assert_allclose(var.numpy(), w1, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(var), w1, rtol=1e-6)
     opt.learning_rate = 0.05  # a changed LR applies to the whole buffer (PyTorch), not just g
     opt.apply([g2], [var])
     buf = 0.9 * buf + g2 + 0.01 * w1
-    np.testing.assert_allclose(var.numpy(), w1 - 0.05 * buf, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(var), w1 - 0.05 * buf, rtol=1e-6)
     config = opt.get_config()
     assert config["l2"] == 0.01 and config["momentum"] == 0.9
     with pytest.raises(ValueError, match="through `l2=`"):
