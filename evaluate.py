@@ -9,7 +9,9 @@ import json
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:  # set: the user wants TensorFlow's own logging
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"  # errors only
+    os.environ["NAM_KERAS_QUIET_START"] = "1"  # and no start-up noise (nam_keras.console)
 
 from nam_keras import cli
 from nam_keras.config import EvalConfig
@@ -23,9 +25,12 @@ def run(config):
     from nam_keras import evaluation, export
     from nam_keras.io import atomic_write_text, check_writable, make_folder
 
+    cli.start_quietly()
     # backend and paths first: a bad one must not cost the whole evaluation
-    if config.export:
+    if config.export or config.export_tflite:
         export.check_backend()
+    if config.export_tflite:
+        check_writable(config.export_tflite, "a .tflite file path")
     if config.json:
         check_writable(config.json, "a .json file path")
     if config.plots:
@@ -46,6 +51,14 @@ def run(config):
         print(
             f"SavedModel for TF Serving -> {report['export']} (signature serving_default: "
             "images uint8 (N, 32, 32, 3) -> probabilities, top5_classes)"
+        )
+    if config.export_tflite:
+        report["export_tflite"] = export.export_tflite(
+            model, config.export_tflite, config.tflite_quantize
+        )
+        print(
+            f"LiteRT model -> {report['export_tflite']} (weights {config.tflite_quantize}; "
+            "images uint8 (N, 32, 32, 3) -> probabilities)"
         )
     if config.json:
         atomic_write_text(config.json, json.dumps(report, indent=2) + "\n")

@@ -12,7 +12,9 @@ Re-running the same command after a crash resumes from the last completed epoch
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:  # set: the user wants TensorFlow's own logging
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"  # errors only
+    os.environ["NAM_KERAS_QUIET_START"] = "1"  # and no start-up noise (nam_keras.console)
 
 from nam_keras import cli
 from nam_keras.config import TrainConfig
@@ -28,6 +30,7 @@ def build_parser():
 def main(argv=None):
     """`train.py` with `argv` (default `sys.argv[1:]`); returns the exit code."""
     config = cli.parse_config(TrainConfig, argv, PROG, __doc__.split("\n\n")[0])
+    cli.start_quietly()
     from nam_keras.experiment import train
 
     return cli.run_main(PROG, train, config)

@@ -7,6 +7,14 @@ optimizer, callbacks) is written in `keras.ops`; the data pipeline
 SavedModel export (`nam_keras.export`) use TensorFlow.
 """
 
+import os as _os
+
+from nam_keras.console import QUIET_START as _QUIET_START
+from nam_keras.console import quiet_startup as _quiet_startup
+
+with _quiet_startup(enabled=_os.environ.get(_QUIET_START) == "1"):
+    import keras as _keras  # noqa: F401  (imports the backend: TensorFlow's start-up noise)
+
 from nam_keras.attention import (
     ATTENTIONS,
     NAMAttention,

@@ -2,6 +2,7 @@
 per-epoch cosine, the official multi-step), the NAM sparsity figures, the
 stop on a NaN loss, crash-safe epoch backups and a clean stop on SIGTERM / Ctrl-C."""
 
+import logging
 import math
 import os
 import signal
@@ -271,6 +272,51 @@ class TrainingSpeed(keras.callbacks.Callback):
         seconds = (self._end or time.perf_counter()) - self._start
         if logs is not None and seconds > 0:
             logs["train_images_per_s"] = self._steps * self.batch_size / seconds
+
+
+def _duration(seconds):
+    """`42 s`, `3.5 min` or `2.1 h`."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class EpochTimeEstimate(keras.callbacks.Callback):
+    """Logs, early in the first epoch this run trains, how long one epoch will
+    take: the time per step measured over steps 2 to `after_steps + 1` (the
+    first step compiles), times the steps per epoch, and an optional `hint`.
+
+    Args:
+        steps_per_epoch: optimizer steps per epoch.
+        after_steps: how many steps to time. Defaults to 3.
+        hint: an extra sentence, e.g. a pointer at a smaller network.
+    """
+
+    def __init__(self, steps_per_epoch, after_steps=3, hint=None):
+        super().__init__()
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.after_steps = int(after_steps)
+        self.hint = hint
+        self.estimate_s = None
+        self._start = None
+        self._seen = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.estimate_s is not None:
+            return
+        self._seen += 1
+        if self._seen == 1:
+            self._start = time.perf_counter()
+        elif self._seen == self.after_steps + 1 or self._seen == self.steps_per_epoch:
+            per_step = (time.perf_counter() - self._start) / (self._seen - 1)
+            self.estimate_s = per_step * self.steps_per_epoch
+            text = f"one epoch takes about {_duration(self.estimate_s)} ({per_step:.2f} s/step x "
+            text += f"{self.steps_per_epoch} steps)"
+            if self.params.get("verbose") == 1:
+                print(flush=True)  # end the progress bar's line
+            logging.getLogger("nam_keras").info(text + (f"; {self.hint}" if self.hint else ""))
 
 
 class StopOnNonFiniteLoss(keras.callbacks.Callback):

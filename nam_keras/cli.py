@@ -8,9 +8,11 @@ console messages, and the mapping from errors to exit codes.
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 
 from nam_keras.config import flag
+from nam_keras.console import QUIET_START, quiet_startup
 from nam_keras.errors import (
     ConfigError,
     DataError,
@@ -30,6 +32,16 @@ EXIT_CODES = {
 }
 
 LOGGER_NAME = "nam_keras"
+
+
+def start_quietly():
+    """Asks the Keras backend for its devices inside `console.quiet_startup`, so
+    that CUDA's probing noise is dropped before the first message of ours
+    (`import nam_keras` drops TensorFlow's import noise for the command lines)."""
+    from nam_keras import distribute
+
+    with quiet_startup(enabled=os.environ.get(QUIET_START) == "1"):
+        distribute.accelerators()
 
 
 def _argparse_type(check):

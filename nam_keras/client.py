@@ -16,7 +16,7 @@ import urllib.request
 
 import numpy as np
 
-from nam_keras.data import CIFAR100_LABELS
+from nam_keras.labels import CIFAR100_LABELS
 
 #: Largest image file and decoded size accepted (a CIFAR image is 32x32).
 MAX_IMAGE_BYTES = 20 << 20

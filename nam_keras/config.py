@@ -359,6 +359,21 @@ class TrainConfig(DataConfig):
     cutmix: float = setting(
         0.0, "CutMix alpha (0: off)", "optimisation", type=non_negative_float, resume=True
     )
+    label_smoothing: float = setting(
+        0.0,
+        "label smoothing EPS of the cross-entropy (0: off); composes with MixUp/CutMix",
+        "optimisation",
+        type=fraction,
+        resume=True,
+    )
+    ema: float = setting(
+        0.0,
+        "keep an exponential moving average of the weights with this decay (e.g. 0.9999; "
+        "0: off); validation, the saved model and the export use it",
+        "optimisation",
+        type=fraction,
+        resume=True,
+    )
     val_freq: int = setting(
         1,
         "validate on the test split every N epochs (0: never)",
@@ -442,6 +457,11 @@ class TrainConfig(DataConfig):
         return bool(self.mixup or self.cutmix)
 
     @property
+    def one_hot(self):
+        """Labels are one-hot: MixUp, CutMix or label smoothing."""
+        return self.mixing or self.label_smoothing > 0
+
+    @property
     def peak_lr(self):
         """`--lr`, scaled linearly with the batch unless `--lr-scaling none`."""
         scale = self.batch_size / 128 if self.lr_scaling == "linear" else 1.0
@@ -493,6 +513,25 @@ class EvalConfig(DataConfig):
     export: str = setting(
         None, "also write a TF Serving SavedModel to DIR/<version>/", "evaluation", metavar="DIR"
     )
+    tta: str = setting(
+        "none",
+        "test-time augmentation: flip = average the probabilities of each image and its mirror",
+        "evaluation",
+        choices=("none", "flip"),
+    )
+    export_tflite: str = setting(
+        None,
+        "also write a LiteRT (TFLite) model here (a .tflite file; uint8 images in, "
+        "probabilities out)",
+        "evaluation",
+        metavar="FILE",
+    )
+    tflite_quantize: str = setting(
+        "none",
+        "weights of the LiteRT model: none (float32), float16, or dynamic (int8 weights)",
+        "evaluation",
+        choices=("none", "float16", "dynamic"),
+    )
     skip_eval: bool = setting(
         False, "no test-set evaluation (report/export only)", "evaluation", action="store_true"
     )
@@ -502,6 +541,10 @@ class EvalConfig(DataConfig):
         super().__post_init__()
         if not 0 < self.near_zero <= 1:
             raise ConfigError(f"--near-zero must be in (0, 1]; received {self.near_zero}")
+        if self.export_tflite is not None and not str(self.export_tflite).endswith(".tflite"):
+            raise ConfigError(
+                f"--export-tflite must name a .tflite file; received {self.export_tflite!r}"
+            )
 
 
 # ------------------------------------------------------------------ derived views

@@ -25,6 +25,7 @@ from nam_keras import safe_pickle
 from nam_keras.config import DATASETS as SOURCES
 from nam_keras.config import NUM_CLASSES
 from nam_keras.errors import DataError
+from nam_keras.labels import CIFAR100_LABELS, FINE_TO_COARSE  # noqa: F401  (re-exported)
 
 IMAGE_SHAPE = (32, 32, 3)
 FULL_SIZES = {"train": 50_000, "test": 10_000}
@@ -40,110 +41,6 @@ MAX_MEMBER_BYTES = {split: n * 3072 * 5 // 4 + (4 << 20) for split, n in FULL_SI
 
 ARCHIVE_NAME = "cifar-100-python.tar.gz"
 FOLDER_NAME = "cifar-100-python"
-
-CIFAR100_LABELS = [
-    "apple",
-    "aquarium_fish",
-    "baby",
-    "bear",
-    "beaver",
-    "bed",
-    "bee",
-    "beetle",
-    "bicycle",
-    "bottle",
-    "bowl",
-    "boy",
-    "bridge",
-    "bus",
-    "butterfly",
-    "camel",
-    "can",
-    "castle",
-    "caterpillar",
-    "cattle",
-    "chair",
-    "chimpanzee",
-    "clock",
-    "cloud",
-    "cockroach",
-    "couch",
-    "crab",
-    "crocodile",
-    "cup",
-    "dinosaur",
-    "dolphin",
-    "elephant",
-    "flatfish",
-    "forest",
-    "fox",
-    "girl",
-    "hamster",
-    "house",
-    "kangaroo",
-    "keyboard",
-    "lamp",
-    "lawn_mower",
-    "leopard",
-    "lion",
-    "lizard",
-    "lobster",
-    "man",
-    "maple_tree",
-    "motorcycle",
-    "mountain",
-    "mouse",
-    "mushroom",
-    "oak_tree",
-    "orange",
-    "orchid",
-    "otter",
-    "palm_tree",
-    "pear",
-    "pickup_truck",
-    "pine_tree",
-    "plain",
-    "plate",
-    "poppy",
-    "porcupine",
-    "possum",
-    "rabbit",
-    "raccoon",
-    "ray",
-    "road",
-    "rocket",
-    "rose",
-    "sea",
-    "seal",
-    "shark",
-    "shrew",
-    "skunk",
-    "skyscraper",
-    "snail",
-    "snake",
-    "spider",
-    "squirrel",
-    "streetcar",
-    "sunflower",
-    "sweet_pepper",
-    "table",
-    "tank",
-    "telephone",
-    "television",
-    "tiger",
-    "tractor",
-    "train",
-    "trout",
-    "tulip",
-    "turtle",
-    "wardrobe",
-    "whale",
-    "willow_tree",
-    "wolf",
-    "woman",
-    "worm",
-]
-assert len(CIFAR100_LABELS) == NUM_CLASSES
 
 
 _OFFLINE_HELP = (
@@ -205,7 +102,23 @@ def _decode_pickle(raw, split, origin):
             f"received {data.dtype} {data.shape}."
         )
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # CHW rows -> NHWC
-    return _check_split(np.ascontiguousarray(images), labels, split, origin)
+    images, labels = _check_split(np.ascontiguousarray(images), labels, split, origin)
+    if b"coarse_labels" in entry:
+        check_coarse(labels, entry[b"coarse_labels"], split, origin)
+    return images, labels
+
+
+def check_coarse(fine, coarse, split, origin):
+    """Refuses a source whose superclass labels disagree with `labels.FINE_TO_COARSE`
+    (the table the superclass report uses): a mislabelled or foreign dataset."""
+    coarse = np.asarray(coarse).reshape(-1)
+    want = np.asarray(FINE_TO_COARSE)[np.asarray(fine)]
+    if coarse.shape != want.shape or not np.array_equal(coarse, want):
+        bad = int((coarse != want).sum()) if coarse.shape == want.shape else len(want)
+        raise DataError(
+            f"{origin}: {bad} of the {len(want)} {split} superclass labels disagree with "
+            "CIFAR-100's fine-to-coarse table; is this CIFAR-100?"
+        )
 
 
 def _check_size(size, split, what):
@@ -318,16 +231,13 @@ def _tfds_arrays(data_dir):
 
     def load(download):
         splits = tfds.load(
-            "cifar100",
-            split=["train", "test"],
-            data_dir=data_dir,
-            as_supervised=True,
-            download=download,
+            "cifar100", split=["train", "test"], data_dir=data_dir, download=download
         )
         out = {}
         for name, ds in zip(("train", "test"), splits):  # decode once, into memory
             chunks = list(tfds.as_numpy(ds.batch(10_000)))
-            out[name] = tuple(np.concatenate([c[i] for c in chunks]) for i in (0, 1))
+            keys = ("image", "label", "coarse_label")
+            out[name] = tuple(np.concatenate([c[k] for c in chunks]) for k in keys)
         return out
 
     try:
@@ -340,10 +250,11 @@ def _tfds_arrays(data_dir):
                 f"{DOWNLOAD_PROBE[0]} cannot be reached (offline?). {_OFFLINE_HELP}"
             ) from err
         arrays = load(download=True)
-    return {
-        s: _check_split(np.asarray(x), np.asarray(y), s, "tfds cifar100")
-        for s, (x, y) in arrays.items()
-    }
+    out = {}
+    for split, (x, y, coarse) in arrays.items():
+        out[split] = _check_split(np.asarray(x), np.asarray(y), split, "tfds cifar100")
+        check_coarse(out[split][1], coarse, split, "tfds cifar100")
+    return out
 
 
 def synthetic_arrays(train_size=50_000, test_size=10_000, seed=0):
@@ -527,6 +438,7 @@ def train_pipeline(
     num_classes=NUM_CLASSES,
     repeat=False,
     shuffle_buffer=None,
+    one_hot=False,
 ):
     """Shuffled (every epoch, from `seed`), batched, augmented training batches.
 
@@ -544,6 +456,7 @@ def train_pipeline(
         mixup: MixUp alpha (0 disables); `keras.layers.MixUp`.
         cutmix: CutMix alpha (0 disables); `keras.layers.CutMix`.
         repeat: repeat forever (use with `steps_per_epoch`).
+        one_hot: one-hot labels even without MixUp/CutMix (label smoothing).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; received {batch_size}.")
@@ -576,7 +489,7 @@ def train_pipeline(
             images = augment_batch(images, batch_seed, **AUGMENTATIONS[augment])
         if rand_aug is not None:
             images = rand_aug(images, training=True)
-        if mixers:
+        if mixers or one_hot:
             labels = tf.one_hot(labels, num_classes)
             for mixer in mixers:
                 out = mixer({"images": images, "labels": labels}, training=True)

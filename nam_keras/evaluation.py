@@ -6,9 +6,10 @@ import zipfile
 import keras
 import numpy as np
 
-from nam_keras.data import CIFAR100_LABELS, IMAGE_SHAPE, NUM_CLASSES
+from nam_keras.data import IMAGE_SHAPE, NUM_CLASSES
 from nam_keras.errors import ModelError
 from nam_keras.io import atomic_path
+from nam_keras.labels import CIFAR100_COARSE_LABELS, CIFAR100_LABELS, FINE_TO_COARSE
 from nam_keras.resnet import nam_layers
 
 
@@ -63,6 +64,31 @@ def accuracy_report(logits, labels, worst=10):
         "top5": float(hit5.mean()),
         "per_class_accuracy": per_class,
         "worst_classes": [{"class": n, "accuracy": a} for n, a in worst_classes],
+        **superclass_report(top5[:, 0], labels),
+    }
+
+
+def superclass_report(predicted, labels):
+    """CIFAR-100's 20 superclasses: how often the predicted class is in the
+    right superclass, the "near misses" (wrong class, right superclass), and
+    per superclass its images' class and superclass accuracy."""
+    table = np.asarray(FINE_TO_COARSE)
+    true_coarse, pred_coarse = table[labels], table[predicted]
+    same = pred_coarse == true_coarse
+    hit = predicted == labels
+    per = {}
+    for c, name in enumerate(CIFAR100_COARSE_LABELS):
+        mask = true_coarse == c
+        if mask.any():
+            per[name] = {
+                "examples": int(mask.sum()),
+                "top1": float(hit[mask].mean()),
+                "superclass_top1": float(same[mask].mean()),
+            }
+    return {
+        "superclass_top1": float(same.mean()),
+        "near_miss": float((same & ~hit).mean()),
+        "per_superclass": per,
     }
 
 
@@ -158,25 +184,50 @@ def plot_nam_report(report, path):
 
 
 def evaluate_test_set(model, config):
-    """`accuracy_report` of `model` on the test split named by an `EvalConfig`."""
+    """`accuracy_report` of `model` on the test split named by an `EvalConfig`.
+
+    With `config.tta == "flip"` each image's class probabilities are the mean
+    of the image's and its mirror's; the report's "logits" are then their logarithm.
+    """
     import tensorflow as tf
 
     from nam_keras import data
 
     images, labels = data.load_for(config)["test"]
     ds = data.eval_pipeline(tf.data.Dataset.from_tensor_slices((images, labels)), config.batch_size)
-    logits = model.predict(ds, verbose=1)
-    return accuracy_report(np.asarray(logits, np.float32), labels)
+    logits = np.asarray(model.predict(ds, verbose=1), np.float64)
+    if config.tta == "flip":
+        mirrored = ds.map(lambda x, y: (tf.reverse(x, axis=[2]), y))
+        flipped = np.asarray(model.predict(mirrored, verbose=1), np.float64)
+        logits = np.log((softmax(logits) + softmax(flipped)) / 2.0)
+    return accuracy_report(logits, labels)
+
+
+def softmax(logits):
+    """Row-wise softmax of a NumPy array, computed stably."""
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def accuracy_lines(name, test):
     """The console summary of an `accuracy_report`."""
     worst = ", ".join(f"{w['class']} {w['accuracy']:.0%}" for w in test["worst_classes"])
-    return [
+    lines = [
         f"{name} on {test['examples']} test images: loss {test['loss']:.4f}, "
         f"top-1 {test['top1']:.2%}, top-5 {test['top5']:.2%}",
         f"worst classes: {worst}",
     ]
+    if "per_superclass" not in test:
+        return lines
+    lines += [
+        f"superclasses: top-1 {test['superclass_top1']:.2%}; near misses (wrong class, right "
+        f"superclass) {test['near_miss']:.2%} of the images",
+        f"  {'superclass':<32} {'images':>6} {'top-1':>7} {'superclass top-1':>17}",
+    ]
+    for superclass, row in test["per_superclass"].items():
+        top1, same = row["top1"], row["superclass_top1"]
+        lines.append(f"  {superclass:<32} {row['examples']:>6} {top1:>7.1%} {same:>17.1%}")
+    return lines
 
 
 def nam_lines(report, near_zero):

@@ -94,13 +94,14 @@ def load_datasets(config):
         mixup=config.mixup,
         cutmix=config.cutmix,
         repeat=True,
+        one_hot=config.one_hot,
     )
     val_ds = None
     if config.val_freq:
         val_ds = data.eval_pipeline(
             tf.data.Dataset.from_tensor_slices(arrays["test"]),
             config.batch_size,
-            one_hot=data.NUM_CLASSES if config.mixing else None,
+            one_hot=data.NUM_CLASSES if config.one_hot else None,
         )
     return train_ds, val_ds, len(arrays["train"][1])
 
@@ -150,9 +151,17 @@ def build_and_compile(config, devices):
             if nam
             else None,
         )
-        optimizer = TorchSGD(learning_rate=0.0, momentum=config.momentum, l2=config.weight_decay)
-        if config.mixing:
-            loss = keras.losses.CategoricalCrossentropy(from_logits=True)
+        optimizer = TorchSGD(
+            learning_rate=0.0,
+            momentum=config.momentum,
+            l2=config.weight_decay,
+            use_ema=config.ema > 0,
+            ema_momentum=config.ema or 0.99,
+        )
+        if config.one_hot:
+            loss = keras.losses.CategoricalCrossentropy(
+                from_logits=True, label_smoothing=config.label_smoothing
+            )
             metrics = [
                 keras.metrics.CategoricalAccuracy(name="top1"),
                 keras.metrics.TopKCategoricalAccuracy(5, name="top5"),
@@ -183,12 +192,23 @@ def schedule_callback(config, steps_per_epoch):
     return callbacks.WarmupCosine(config.peak_lr, total_steps, config.warmup_steps)
 
 
+def _quick_run_hint(config):
+    """A pointer at a smaller network when the full one trains on a CPU."""
+    if distribute.accelerators() or config.depth < 50 or config.width < 64:
+        return None
+    return "on a CPU, try --depth 18 --width 16 for a quick run"
+
+
 def make_callbacks(config, paths, steps_per_epoch, resuming):
-    """Schedule, speed and NAM figures (logged), NaN stop, clean stop on
-    signals, logs, and the per-epoch backup."""
+    """Schedule, speed and NAM figures (logged), validation on the EMA
+    weights, NaN stop, clean stop on signals, logs, and the per-epoch backup
+    (which holds the raw weights and, in the optimizer, their EMA)."""
+    ema = [keras.callbacks.SwapEMAWeights(swap_on_epoch=False)] if config.ema else []
     return [
+        *ema,
         schedule_callback(config, steps_per_epoch),
         callbacks.TrainingSpeed(config.batch_size),
+        callbacks.EpochTimeEstimate(steps_per_epoch, hint=_quick_run_hint(config)),
         callbacks.NAMSparsity(),
         callbacks.StopOnNonFiniteLoss(),
         callbacks.StopOnSignal(),
@@ -241,13 +261,16 @@ def save_outputs(model, history, config, paths, started):
     return logs, summary
 
 
-def _log_start(config, devices, resolved, resumed_epoch, backup):
+def _log_devices(devices):
     sync = "; synchronised BN" if devices.sync_bn else ""
     logger.info(
-        f"device: {distribute.device_summary(devices.gpus)}; strategy {resolved['strategy']} "
-        f"with {devices.replicas} replica(s); precision {devices.precision}; XLA "
-        f"{'on' if devices.jit_compile else 'off'}{sync}"
+        f"device: {distribute.device_summary(devices.gpus)}; strategy "
+        f"{distribute.strategy_name(devices.strategy)} with {devices.replicas} replica(s); "
+        f"precision {devices.precision}; XLA {'on' if devices.jit_compile else 'off'}{sync}"
     )
+
+
+def _log_start(config, devices, resolved, resumed_epoch, backup):
     total = resolved["total_steps"]
     logger.info(
         f"global batch {config.batch_size} ({resolved['per_replica_batch']} per replica); "
@@ -367,6 +390,7 @@ def train(config):
         TrainingInterruptedError: SIGTERM or Ctrl-C (the last backup is kept).
     """
     devices = set_up_devices(config)
+    _log_devices(devices)
     paths = rundir.RunPaths(run_dir=config.resolved_run_dir, output=config.resolved_output)
     io.check_writable(paths.output)
     created = not os.path.exists(paths.run_dir)

@@ -94,3 +94,69 @@ def export_saved_model(model, export_dir, verbose=False):
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
+
+
+#: --tflite-quantize -> the converter settings passed through `model.export(format="litert")`.
+TFLITE_QUANTIZATION = {
+    "none": {},
+    "float16": {"optimizations": ["DEFAULT"], "target_spec": {"supported_types": ["float16"]}},
+    "dynamic": {"optimizations": ["DEFAULT"]},
+}
+
+
+def _float32_policies(config):
+    """A model config with every layer's dtype policy made float32."""
+    if isinstance(config, dict):
+        if config.get("class_name") == "DTypePolicy":
+            return {**config, "config": {**config.get("config", {}), "name": "float32"}}
+        return {k: _float32_policies(v) for k, v in config.items()}
+    if isinstance(config, list):
+        return [_float32_policies(v) for v in config]
+    return config
+
+
+def float32_copy(model):
+    """`model` itself when it computes in float32, else a float32 copy with its weights
+    (a model trained under mixed precision, for runtimes without bfloat16/float16 kernels)."""
+    if all(layer.dtype_policy.name == "float32" for layer in model.layers):
+        return model
+    copy = model.__class__.from_config(_float32_policies(model.get_config()))
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def export_tflite(model, path, quantize="none"):
+    """Writes a LiteRT (TFLite) model: uint8 images `(N, 32, 32, 3)` in,
+    probabilities `(N, num_classes)` out, the same contract as the SavedModel.
+
+    Keras' own `model.export(format="litert")` (TensorFlow's converter) does the
+    conversion; `quantize` stores the weights as float32 (`"none"`), float16, or
+    int8 with dynamic-range quantisation (`"dynamic"`). The file is written to a
+    temporary name and renamed. Returns `path`.
+    """
+    check_backend()
+    import tensorflow as tf
+
+    from nam_keras.io import atomic_path
+
+    if quantize not in TFLITE_QUANTIZATION:
+        raise ValueError(f"quantize must be one of {sorted(TFLITE_QUANTIZATION)}; got {quantize!r}")
+    path = os.fspath(path)
+    if not path.endswith(".tflite"):
+        raise ModelError(f"the LiteRT file name must end with .tflite; received {path!r}.")
+    model = float32_copy(model)  # LiteRT's kernels have no bfloat16
+    settings = TFLITE_QUANTIZATION[quantize]
+    kwargs = {}
+    if "optimizations" in settings:
+        kwargs["optimizations"] = [tf.lite.Optimize.DEFAULT]
+    if "target_spec" in settings:
+        kwargs["target_spec"] = {"supported_types": [tf.float16]}
+    images = keras.Input(IMAGE_SHAPE, dtype="uint8", name="images")
+    logits = model(keras.ops.cast(images, "float32"))
+    probabilities = keras.layers.Softmax(name="probabilities", dtype="float32")(logits)
+    serving = keras.Model(images, probabilities, name=f"{model.name}_litert")
+    signature = [tf.TensorSpec((None, *IMAGE_SHAPE), tf.uint8, name="images")]
+    with atomic_path(path, suffix=".tflite") as tmp:
+        serving.export(tmp, format="litert", input_signature=signature, verbose=False, **kwargs)
+    os.chmod(path, 0o666 & ~current_umask())
+    return path

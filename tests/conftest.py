@@ -85,7 +85,11 @@ def run_script():
         return subprocess.Popen(
             [sys.executable, os.path.join(ROOT, script), *args],
             cwd=ROOT,
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})},
+            env={
+                k: v
+                for k, v in {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}.items()
+                if v is not None  # env={"NAME": None} unsets NAME
+            },
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -139,7 +143,7 @@ def write_cifar_archive(path, n_train=6, n_test=4, seed=0, folder=False, drop=No
 
     Returns `(path written, {split: (NHWC images, labels)})`.
     """
-    from nam_keras.data import CIFAR100_LABELS
+    from nam_keras.labels import CIFAR100_LABELS, FINE_TO_COARSE
 
     rng = np.random.default_rng(seed)
     expected = {}
@@ -151,7 +155,7 @@ def write_cifar_archive(path, n_train=6, n_test=4, seed=0, folder=False, drop=No
             {
                 b"data": chw.reshape(n, 3072),
                 b"fine_labels": labels,
-                b"coarse_labels": [label // 5 for label in labels],
+                b"coarse_labels": [FINE_TO_COARSE[label] for label in labels],
                 b"filenames": [b"x.png"] * n,
             },
             protocol=2,

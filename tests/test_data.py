@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from nam_keras import data
+from nam_keras.errors import DataError
 
 
 def _assert_matches(arrays, expected):
@@ -99,10 +100,29 @@ def test_corrupt_archives_give_clear_errors(tmp_path, make_cifar_archive, breaka
     assert str(path) in str(err.value)
 
 
+def _mock_cifar100(coarse_shift=0):
+    """TFDS `as_dataset` replacement: 12 examples whose superclass labels follow
+    the fine-to-coarse table (shifted by `coarse_shift`: a foreign dataset)."""
+    from nam_keras.labels import FINE_TO_COARSE
+
+    def as_dataset(*args, **kwargs):
+        fine = np.arange(12) * 7 % 100
+        return tf.data.Dataset.from_tensor_slices(
+            {
+                "image": np.zeros((12, 32, 32, 3), np.uint8),
+                "label": fine,
+                "coarse_label": (np.asarray(FINE_TO_COARSE)[fine] + coarse_shift) % 20,
+            }
+        )
+
+    return as_dataset
+
+
 def test_tfds_code_path_on_mock_data():
     import tensorflow_datasets as tfds
 
-    with tfds.testing.mock_data(num_examples=12), pytest.warns(UserWarning, match="subset"):
+    mock = tfds.testing.mock_data(as_dataset_fn=_mock_cifar100())
+    with mock, pytest.warns(UserWarning, match="subset"):
         train, test = data.load_cifar100("cifar100")
     images, labels = next(iter(train.batch(12)))
     assert images.shape == (12, 32, 32, 3) and images.dtype == tf.uint8
@@ -112,6 +132,21 @@ def test_tfds_code_path_on_mock_data():
         and int(tf.reduce_max(labels)) < 100
     )
     assert int(test.cardinality()) == 12
+    foreign = tfds.testing.mock_data(as_dataset_fn=_mock_cifar100(coarse_shift=1))
+    disagree = pytest.raises(DataError, match=r"12 of the 12 train superclass labels disagree")
+    with foreign, disagree:
+        data.load_cifar100("cifar100")
+
+
+def test_archive_superclasses_must_follow_the_table(tmp_path, make_cifar_archive):
+    path, _ = make_cifar_archive(tmp_path / "ok.tar.gz")
+    with pytest.warns(UserWarning, match="subset"):
+        data.read_cifar100_python(str(path))  # the writer uses the table: accepted
+    raw = pickle.dumps(
+        {b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [0, 1], b"coarse_labels": [4, 2]}
+    )  # apple -> 4 is right, fish -> 2 is not
+    with pytest.raises(DataError, match=r"1 of the 2 test superclass labels disagree"):
+        data._decode_pickle(raw, "test", "archive.tar.gz")  # fmt: skip
 
 
 def _closed_port():

@@ -54,3 +54,49 @@ def test_console_lines_of_the_reports():
     assert evaluation.nam_lines(None, 0.1) == [
         "NAM report: the model has no NAM layers (a baseline); nothing to report."
     ]
+
+
+def test_superclass_report_by_hand():
+    from nam_keras.labels import CIFAR100_LABELS
+
+    index = CIFAR100_LABELS.index
+    labels = np.array([index("apple"), index("aquarium_fish"), index("baby")])
+    # apple right; aquarium_fish taken for a trout (same superclass: fish); baby for a bear
+    predicted = [index("apple"), index("trout"), index("bear")]
+    logits = np.full((3, 100), -5.0)
+    logits[np.arange(3), predicted] = 5.0
+    r = evaluation.accuracy_report(logits, labels)
+    assert r["superclass_top1"] == pytest.approx(2 / 3)
+    assert r["near_miss"] == pytest.approx(1 / 3)
+    assert r["per_superclass"]["fish"] == {"examples": 1, "top1": 0.0, "superclass_top1": 1.0}
+    assert r["per_superclass"]["people"]["superclass_top1"] == 0.0
+    assert set(r["per_superclass"]) == {"fruit_and_vegetables", "fish", "people"}
+    lines = evaluation.accuracy_lines("m", r)
+    assert "superclasses: top-1 66.67%; near misses (wrong class, right superclass) 33.33%" in (
+        "\n".join(lines)
+    )
+
+
+def test_flip_tta_averages_the_image_and_its_mirror(tmp_path):
+    import keras
+
+    from nam_keras import data
+    from nam_keras.config import EvalConfig
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3))
+    logits = keras.layers.Dense(100)(keras.layers.Flatten()(inputs / 255.0))
+    model = keras.Model(inputs, logits)  # not mirror-symmetric: flipping changes its output
+    config = EvalConfig(model="m", dataset="synthetic", synthetic_size=(8, 16), batch_size=5)
+    images, labels = data.load_for(config)["test"]
+    x = images.astype("float32")
+    a = evaluation.softmax(np.asarray(model(x), np.float64))
+    b = evaluation.softmax(np.asarray(model(x[:, :, ::-1]), np.float64))
+    assert not np.allclose(a, b)
+    mean = (a + b) / 2
+    want = -np.log(mean[np.arange(len(labels)), labels]).mean()
+    plain = evaluation.evaluate_test_set(model, config)
+    tta = evaluation.evaluate_test_set(model, EvalConfig(**{**vars(config), "tta": "flip"}))
+    assert tta["loss"] == pytest.approx(want, rel=1e-5)
+    assert plain["loss"] == pytest.approx(-np.log(a[np.arange(16), labels]).mean(), rel=1e-5)
+    assert tta["top1"] == pytest.approx((mean.argmax(1) == labels).mean())

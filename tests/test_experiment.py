@@ -3,6 +3,7 @@
 import json
 
 import keras
+import numpy as np
 import pytest
 
 from nam_keras import experiment
@@ -37,3 +38,29 @@ def test_train_returns_the_model_logs_and_summary(tmp_path):
     assert saved == result.summary and saved["output"] == str(tmp_path / "m.keras")
     resolved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert resolved["total_steps"] == 2 and resolved["precision"] == "float32"
+
+
+@pytest.mark.slow
+def test_ema_run_saves_and_validates_with_the_ema_weights(tmp_path):
+    result = experiment.train(tiny_config(tmp_path, ema=0.5, epochs=2, val_freq=1))
+    model = result.model
+    averages = model.optimizer._model_variables_moving_average
+    for var, avg in zip(model.trainable_variables, averages):  # finalize swapped them in
+        np.testing.assert_array_equal(np.asarray(var), np.asarray(avg))
+    saved = keras.models.load_model(tmp_path / "m.keras")
+    for a, b in zip(saved.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert "val_top1" in result.logs
+
+
+def test_label_smoothing_loss_by_hand(tmp_path):
+    config = tiny_config(tmp_path, label_smoothing=0.1)
+    model = experiment.build_and_compile(config, experiment.set_up_devices(config))
+    logits = np.array([[2.0, 0.0, -1.0] + [0.0] * 97, [0.5] * 100], "float32")
+    soft = np.zeros((2, 100), "float32")  # a MixUp-style soft label and a hard one
+    soft[0, 0], soft[0, 1], soft[1, 7] = 0.7, 0.3, 1.0
+    smoothed = soft * 0.9 + 0.1 / 100
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    want = -(smoothed * log_p).sum(axis=1).mean()
+    assert float(model.loss(soft, logits)) == pytest.approx(want, rel=1e-5)
+    assert config.one_hot and not config.mixing

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 import evaluate
+import nam_keras
 from nam_keras import export
 
 SAVED_MODEL_CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
@@ -120,3 +121,67 @@ def test_empty_and_oversized_batches_are_refused_with_a_message(exported):
     too_many = export.MAX_SERVING_BATCH + 1
     with pytest.raises(tf.errors.InvalidArgumentError, match=f"at most {too_many - 1} images"):
         serve(images=tf.zeros((too_many, 32, 32, 3), tf.uint8))
+
+
+def _litert_probabilities(path, images):
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    source, result = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    assert source["dtype"] == np.uint8 and tuple(source["shape_signature"]) == (-1, 32, 32, 3)
+    interpreter.resize_tensor_input(source["index"], images.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(source["index"], images)
+    interpreter.invoke()
+    return interpreter.get_tensor(result["index"])
+
+
+#: --tflite-quantize -> largest difference from Keras' probabilities we accept
+LITERT_TOLERANCE = {"none": 1e-5, "float16": 1e-3, "dynamic": 5e-3}
+
+
+@pytest.mark.parametrize("quantize", ["none", "float16"])
+def test_litert_model_predicts_as_keras(trained_model, tmp_path, quantize):
+    path = export.export_tflite(
+        keras.models.load_model(trained_model), tmp_path / "m.tflite", quantize
+    )
+    images = _images(6)
+    got = _litert_probabilities(path, images)
+    np.testing.assert_allclose(
+        got, _keras_probabilities(trained_model, images), atol=LITERT_TOLERANCE[quantize]
+    )
+    assert not any(name.startswith(".tmp") for name in os.listdir(tmp_path))
+
+
+def test_evaluate_exports_a_quantised_litert_model(trained_model, tmp_path):
+    path = tmp_path / "nam-int8.tflite"
+    argv = [str(trained_model), "--skip-eval", "--export-tflite", str(path)]
+    assert evaluate.main([*argv, "--tflite-quantize", "dynamic"]) == 0
+    images = _images(6, seed=1)
+    got = _litert_probabilities(path, images)
+    np.testing.assert_allclose(
+        got, _keras_probabilities(trained_model, images), atol=LITERT_TOLERANCE["dynamic"]
+    )
+    plain = tmp_path / "nam.tflite"
+    assert evaluate.main([str(trained_model), "--skip-eval", "--export-tflite", str(plain)]) == 0
+    assert path.stat().st_size < plain.stat().st_size / 2  # int8 weights
+
+
+def test_a_mixed_precision_model_exports_in_float32(tmp_path):
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    model = nam_keras.build_resnet(depth=18, width=4)
+    keras.mixed_precision.set_global_policy("float32")
+    copy = export.float32_copy(model)
+    assert {layer.dtype_policy.name for layer in copy.layers} == {"float32"}
+    assert export.float32_copy(copy) is copy
+    images = _images(3)
+    want = keras.ops.convert_to_numpy(keras.ops.softmax(copy(images.astype("float32"))))
+    got = _litert_probabilities(export.export_tflite(model, tmp_path / "bf16.tflite"), images)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_a_litert_path_must_end_in_tflite(capsys):
+    with pytest.raises(SystemExit) as info:
+        evaluate.main(["m.keras", "--export-tflite", "m.lite"])
+    assert info.value.code == 2
+    assert "--export-tflite must name a .tflite file; received 'm.lite'" in capsys.readouterr().err

@@ -24,3 +24,21 @@ def test_torch_sgd_matches_the_pytorch_update_by_hand():
     assert config["l2"] == 0.01 and config["momentum"] == 0.9
     with pytest.raises(ValueError, match="through `l2=`"):
         TorchSGD(weight_decay=5e-4)
+
+
+def test_ema_follows_its_recursion_and_replaces_the_weights_at_the_end():
+    """`--ema D`: Keras' optimizer EMA, ema = D * ema + (1 - D) * w after every
+    step (ema = w after the first), and `fit` ends with the EMA in the model."""
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, use_bias=False)])
+    model.compile(optimizer=TorchSGD(0.1, use_ema=True, ema_momentum=0.5), loss="mse")
+    x, y = np.array([[1.0, 2.0], [3.0, -1.0]], "float32"), np.array([[1.0], [0.0]], "float32")
+    seen = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: seen.append(np.asarray(model.weights[0]).copy())
+    )
+    model.fit(x, y, batch_size=1, epochs=2, shuffle=False, verbose=0, callbacks=[record])
+    ema = seen[0]
+    for w in seen[1:]:
+        ema = 0.5 * ema + 0.5 * w
+    np.testing.assert_allclose(np.asarray(model.weights[0]), ema, rtol=1e-6)
+    assert not np.allclose(ema, seen[-1])  # the raw weights differ: the EMA was used
