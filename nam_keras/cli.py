@@ -72,7 +72,7 @@ def _add_field(parser, groups, field, default):
                 action="store_const",
                 const=value,
                 help=text,
-                default=default,
+                default=argparse.SUPPRESS,  # the field's default is the option's (below)
             )
     kwargs = {"default": default, "help": meta["help"], "dest": field.name}
     action = meta.get("action")

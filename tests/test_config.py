@@ -29,11 +29,16 @@ def test_parser_defaults_equal_the_table():
 
 
 def test_every_field_has_a_flag_and_help():
+    import evaluate
+
     help_text = train.build_parser().format_help()
     for field in dataclasses.fields(TrainConfig):
         assert config.flag(field) in help_text
         for option in field.metadata.get("flags") or ():
             assert option in help_text
+    eval_help = cli.build_parser(EvalConfig, "evaluate.py", evaluate.__doc__).format_help()
+    for field in dataclasses.fields(EvalConfig):
+        assert (field.name if field.metadata.get("positional") else config.flag(field)) in eval_help
 
 
 def test_flags_reach_the_config():
@@ -82,7 +87,8 @@ def test_resume_keys_come_from_the_table():
         "model", "depth", "width", "stem", "spatial", "sparsity", "stop_gradient",
         "epochs", "batch_size", "lr", "lr_scaling", "schedule", "warmup_steps", "milestones",
         "lr_decay", "momentum", "weight_decay", "steps_per_epoch", "augment", "randaugment",
-        "mixup", "cutmix", "seed", "precision", "num_classes", "mixing",
+        "mixup", "cutmix", "label_smoothing", "ema", "seed", "precision", "num_classes",
+        "mixing",
     )  # fmt: skip
 
 

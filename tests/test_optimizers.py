@@ -32,11 +32,11 @@ def test_ema_follows_its_recursion_and_replaces_the_weights_at_the_end():
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, use_bias=False)])
     model.compile(optimizer=TorchSGD(0.1, use_ema=True, ema_momentum=0.5), loss="mse")
     x, y = np.array([[1.0, 2.0], [3.0, -1.0]], "float32"), np.array([[1.0], [0.0]], "float32")
-    seen = []
+    seen = []  # the raw weights after every step (one step per epoch: JAX syncs them there)
     record = keras.callbacks.LambdaCallback(
-        on_train_batch_end=lambda batch, logs: seen.append(np.asarray(model.weights[0]).copy())
+        on_epoch_end=lambda epoch, logs: seen.append(np.asarray(model.weights[0]).copy())
     )
-    model.fit(x, y, batch_size=1, epochs=2, shuffle=False, verbose=0, callbacks=[record])
+    model.fit(x, y, batch_size=2, epochs=4, shuffle=False, verbose=0, callbacks=[record])
     ema = seen[0]
     for w in seen[1:]:
         ema = 0.5 * ema + 0.5 * w
