@@ -35,14 +35,19 @@ TINY += ["--precision", "float32", "--verbose", "2"]
 
 def pytest_collection_modifyitems(config, items):
     """`@pytest.mark.tensorflow_only` tests (TensorFlow's kernels, tapes, graphs)
-    are skipped when the suite runs under another Keras backend."""
+    are skipped when the suite runs under another Keras backend, and so are the
+    `backend_independent` ones (full-size parameter counts: slow to build on JAX,
+    and the same everywhere)."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
         return
     skip = pytest.mark.skip(reason=f"TensorFlow-only; KERAS_BACKEND={backend}")
+    once = pytest.mark.skip(reason="the same on every backend: checked once, on TensorFlow")
     for item in items:
         if "tensorflow_only" in item.keywords:
             item.add_marker(skip)
+        elif "backend_independent" in item.keywords:
+            item.add_marker(once)
 
 
 @pytest.fixture(autouse=True)

@@ -141,6 +141,7 @@ def bam_params(c, r=16):
     return channel + spatial
 
 
+@pytest.mark.backend_independent
 def test_resnet50_parameter_counts_by_hand():
     se = sum(blocks * se_params(c) for c, blocks in RESNET50_BLOCKS)
     cbam = sum(blocks * cbam_params(c) for c, blocks in RESNET50_BLOCKS)
@@ -162,6 +163,7 @@ def test_bam_sits_between_stages_and_the_others_in_blocks():
     assert not any(x.spatial for x in cbam.layers if isinstance(x, CBAMAttention))
 
 
+@pytest.mark.backend_independent
 def test_multiply_adds_by_hand():
     base = forward_multiply_adds(build_resnet(attention=None))
     assert base == 1_298_014_208  # SPEC: 1.30 G

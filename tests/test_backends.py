@@ -27,14 +27,15 @@ class _NoTensorFlow:
 sys.meta_path.insert(0, _NoTensorFlow())
 """
 
-# Writes a NAM ResNet (pixel attention too) and SE, CBAM and BAM ones, their BN
+# Writes a NAM ResNet (pixel attention too) and CBAM and BAM ones (CBAM's channel
+# gate is SE's with a max pooling more), their BN
 # variables (moving statistics included) set away from their initial values,
 # with their predictions on fixed images. No fit: compiling costs more than the check.
 WRITE = """
 import keras, numpy as np, nam_keras
 rng = np.random.default_rng(0)
 x = rng.uniform(0, 255, (4, 16, 16, 3)).astype("float32")
-for kind, kwargs in [("nam", {"spatial": True}), ("se", None), ("cbam", None), ("bam", None)]:
+for kind, kwargs in [("nam", {"spatial": True}), ("cbam", None), ("bam", None)]:
     model = nam_keras.build_resnet(
         depth=18, width=4, input_shape=(16, 16, 3), attention=kind, attention_kwargs=kwargs
     )
@@ -51,7 +52,7 @@ np.save("x.npy", x)
 READ = """
 import keras, numpy as np, nam_keras
 x = np.load("x.npy")
-for kind in ["nam", "se", "cbam", "bam"]:
+for kind in ["nam", "cbam", "bam"]:
     model = keras.models.load_model(f"{kind}.keras")
     want = np.load(f"{kind}.npy")
     got = keras.ops.convert_to_numpy(model(x, training=False))
@@ -112,10 +113,14 @@ def test_import_and_build_without_tensorflow(tmp_path):
         + """
 import keras, numpy as np, nam_keras
 from nam_keras import compare, config, cli
-counts = {a: nam_keras.build_resnet(depth=18, width=4, attention=a).count_params()
-          for a in ["nam", "se", "cbam", "bam", None]}
 logits = nam_keras.build_resnet(depth=18, width=4)(np.zeros((2, 32, 32, 3), "uint8"))
 assert logits.shape == (2, 100)
+x = np.ones((2, 8, 8, 32), "float32")
+counts = {}
+for kind in ["nam", "se", "cbam", "bam"]:
+    layer = nam_keras.create_attention(kind, kind)
+    assert layer(x, training=True).shape == x.shape
+    counts[kind] = layer.count_params()
 assert not [m for m in sys.modules if m.startswith("tensorflow")], "tensorflow was imported"
 try:
     import nam_keras.data
@@ -128,7 +133,8 @@ print(counts)
     ).stdout
     assert "data: No module named 'tensorflow'" in out  # the pipeline stays TensorFlow
     counts = eval(out.strip().splitlines()[-1])
-    assert counts["nam"] > counts[None] and counts["se"] > counts["nam"]
+    # NAM: BN(32) = 4 x 32; SE: 2 x 32 x 2 + 2 + 32; CBAM: SE + 98 + 4
+    assert (counts["nam"], counts["se"], counts["cbam"]) == (128, 162, 264)
 
 
 BACKENDS = [

@@ -174,3 +174,17 @@ def test_training_speed_excludes_validation(monkeypatch):
     logs = {}
     speed.on_epoch_end(0, logs)  # no further clock reading: validation not counted
     assert logs["train_images_per_s"] == 5 * 32 / 2.0
+
+
+def test_epoch_time_estimate_from_the_first_steps(monkeypatch, caplog):
+    clock = iter([100.0, 106.0])  # after step 1 (compiling) and after step 4: 2 s per step
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
+    estimate = callbacks.EpochTimeEstimate(steps_per_epoch=390, after_steps=3, hint="try less")
+    estimate.set_params({"verbose": 2})
+    with caplog.at_level("INFO", logger="nam_keras"):
+        for step in range(6):
+            estimate.on_train_batch_end(step)
+    assert estimate.estimate_s == pytest.approx(780.0)
+    assert caplog.messages == [
+        "one epoch takes about 13.0 min (2.00 s/step x 390 steps); try less"
+    ]  # once only

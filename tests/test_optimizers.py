@@ -42,3 +42,25 @@ def test_ema_follows_its_recursion_and_replaces_the_weights_at_the_end():
         ema = 0.5 * ema + 0.5 * w
     np.testing.assert_allclose(np.asarray(model.weights[0]), ema, rtol=1e-6)
     assert not np.allclose(ema, seen[-1])  # the raw weights differ: the EMA was used
+
+
+def test_the_ema_travels_with_the_weights_file(tmp_path):
+    """What a resume relies on: a backup (`save_weights`) holds the optimizer's EMA."""
+
+    def compiled():
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        model.compile(optimizer=TorchSGD(0.1, use_ema=True, ema_momentum=0.9), loss="mse")
+        return model
+
+    model = compiled()
+    x, y = np.ones((4, 2), "float32"), np.zeros((4, 1), "float32")
+    model.train_on_batch(x, y)
+    model.train_on_batch(2 * x, y)
+    model.save_weights(tmp_path / "backup.weights.h5")
+    restored = compiled()
+    restored.optimizer.build(restored.trainable_variables)
+    restored.load_weights(tmp_path / "backup.weights.h5")
+    want = [np.asarray(v) for v in model.optimizer._model_variables_moving_average]
+    got = [np.asarray(v) for v in restored.optimizer._model_variables_moving_average]
+    assert len(want) == 2 and all(np.array_equal(a, b) for a, b in zip(want, got))
+    assert int(restored.optimizer.iterations) == 2

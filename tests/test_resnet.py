@@ -17,6 +17,7 @@ def _split_counts(model):
     return model.count_params(), trainable
 
 
+@pytest.mark.backend_independent
 def test_resnet50_exact_parameter_counts():
     """SPEC section 3: built, never trained."""
     nam = build_resnet()
@@ -27,6 +28,7 @@ def test_resnet50_exact_parameter_counts():
     assert build_resnet(stem="imagenet").count_params() == 23_826_468
 
 
+@pytest.mark.backend_independent
 def test_readme_one_liner():
     out = subprocess.run(
         [
