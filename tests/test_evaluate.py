@@ -28,6 +28,11 @@ def test_evaluate_main_writes_every_field(trained_model, tmp_path, capsys):
         and len(test["per_class_accuracy"]) > 90
     )
     assert len(test["worst_classes"]) == 10
+    assert len(test["per_superclass"]) == 20 and 0 <= test["near_miss"] <= 1 - test["top1"]
+    assert (
+        test["top1"] <= test["superclass_top1"] == pytest.approx(test["top1"] + test["near_miss"])
+    )
+    assert "superclasses: top-1" in printed and "vehicles_2" in printed
     assert len(report["nam"]["layers"]) == 8
     png = tmp_path / "plots" / "nam_weights.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
