@@ -26,12 +26,15 @@ def test_disabled_changes_nothing(capfd):
     assert capfd.readouterr().err == "oneDNN custom operations are on\n"
 
 
-def test_train_py_speaks_first(run_script, tiny_args):
-    """Without TF_CPP_MIN_LOG_LEVEL set, the first line is ours: device and precision."""
-    args = tiny_args("--epochs", "1", "--steps-per-epoch", "1")
+def test_train_py_speaks_first(run_script, tmp_path):
+    """Without TF_CPP_MIN_LOG_LEVEL set, the first line is ours: device and
+    precision, before the (here: missing) data is looked at."""
+    args = ["--data-dir", str(tmp_path / "missing"), "--precision", "float32"]
+    args += ["--run-dir", str(tmp_path / "run"), "--output", str(tmp_path / "m.keras")]
     proc = run_script("train.py", args, env={"TF_CPP_MIN_LOG_LEVEL": None})
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out
+    assert proc.returncode == 2, out
     first = out.splitlines()[0]
     assert first.startswith("[nam-keras] device: CPU") and "precision float32" in first
+    assert "missing" in out.splitlines()[-1]  # then the real error, shown
     assert "oneDNN" not in out and "absl::InitializeLog" not in out and "cuInit" not in out
