@@ -68,13 +68,6 @@ def timed(fn, steps, warmup):
     return statistics.median(times), times
 
 
-def forward_macs(model):
-    """Multiply-adds of one forward pass per image (`nam_keras.resnet.forward_multiply_adds`)."""
-    from nam_keras.resnet import forward_multiply_adds
-
-    return forward_multiply_adds(model)
-
-
 def matmul_peak_flops(dtype, n=2048, repeats=10):
     """Best measured FLOP/s of an n x n x n matmul in `dtype` on this machine."""
     import tensorflow as tf

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from nam_keras.normalization import fused_kernels
+from nam_keras.resnet import forward_multiply_adds
 
 PEAK_DTYPE = {"float32": tf.float32, "mixed_bfloat16": tf.bfloat16, "mixed_float16": tf.float16}
 
@@ -37,13 +38,14 @@ def measure(
     x = tf.constant(rng.integers(0, 256, (batch, 32, 32, 3)).astype("float32"))
     y = tf.constant(rng.integers(0, 100, (batch,)).astype("int32"))
     median, times = harness.timed(harness.train_step_fn(model, x, y), steps, warmup)
-    macs = harness.forward_macs(model)
+    macs = forward_multiply_adds(model)
     keras.mixed_precision.set_global_policy("float32")
     return {
         "step_s": median,
         "times_s": times,
         "images_per_s": batch / median,
         "forward_macs_per_image": macs,
+        "parameters": model.count_params(),
     }
 
 

@@ -57,7 +57,9 @@ def set_up_devices(config):
     """Seeds, strategy, precision policy and XLA for this process, for the
     Keras backend in use (`tf.distribute` only on TensorFlow)."""
     backend = distribute.backend()
-    distribute.check_backend_supports(config.cpu_replicas, config.sync_bn)
+    distribute.check_backend_supports(
+        config.cpu_replicas, config.sync_bn, os.environ.get("TF_CONFIG")
+    )
     keras.utils.set_random_seed(config.seed)
     strategy = distribute.make_strategy(config.cpu_replicas, config.cluster_timeout)
     gpus = distribute.accelerators()
@@ -192,14 +194,14 @@ def schedule_callback(config, steps_per_epoch):
     return callbacks.WarmupCosine(config.peak_lr, total_steps, config.warmup_steps)
 
 
-def _quick_run_hint(config):
+def _quick_run_hint(config, devices):
     """A pointer at a smaller network when the full one trains on a CPU."""
-    if distribute.accelerators() or config.depth < 50 or config.width < 64:
+    if devices.gpus or config.depth < 50 or config.width < 64:
         return None
     return "on a CPU, try --depth 18 --width 16 for a quick run"
 
 
-def make_callbacks(config, paths, steps_per_epoch, resuming):
+def make_callbacks(config, devices, paths, steps_per_epoch, resuming):
     """Schedule, speed and NAM figures (logged), validation on the EMA
     weights, NaN stop, clean stop on signals, logs, and the per-epoch backup
     (which holds the raw weights and, in the optimizer, their EMA)."""
@@ -208,7 +210,7 @@ def make_callbacks(config, paths, steps_per_epoch, resuming):
         *ema,
         schedule_callback(config, steps_per_epoch),
         callbacks.TrainingSpeed(config.batch_size),
-        callbacks.EpochTimeEstimate(steps_per_epoch, hint=_quick_run_hint(config)),
+        callbacks.EpochTimeEstimate(steps_per_epoch, hint=_quick_run_hint(config, devices)),
         callbacks.NAMSparsity(),
         callbacks.StopOnNonFiniteLoss(),
         callbacks.StopOnSignal(),
@@ -364,7 +366,7 @@ def _fit(config, devices, paths):
         verbose=config.verbose,
         shuffle=False,  # the pipeline shuffles, seeded, every epoch
         callbacks=make_callbacks(
-            config, paths, resolved["steps_per_epoch"], resumed_epoch is not None
+            config, devices, paths, resolved["steps_per_epoch"], resumed_epoch is not None
         ),
     )
     logs, summary = save_outputs(model, history, config, paths, started)

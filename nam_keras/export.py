@@ -8,7 +8,7 @@ import keras
 
 from nam_keras.data import IMAGE_SHAPE
 from nam_keras.errors import ConfigError, ModelError
-from nam_keras.io import current_umask
+from nam_keras.io import atomic_path, current_umask
 
 #: Largest batch one request may send (about 3 MB of pixels); larger ones are refused
 #: before the model runs, instead of exhausting the server's memory.
@@ -96,12 +96,8 @@ def export_saved_model(model, export_dir, verbose=False):
             shutil.rmtree(tmp)
 
 
-#: --tflite-quantize -> the converter settings passed through `model.export(format="litert")`.
-TFLITE_QUANTIZATION = {
-    "none": {},
-    "float16": {"optimizations": ["DEFAULT"], "target_spec": {"supported_types": ["float16"]}},
-    "dynamic": {"optimizations": ["DEFAULT"]},
-}
+#: --tflite-quantize: float32 weights, float16 weights, or dynamic-range int8 weights.
+TFLITE_QUANTIZATIONS = ("none", "float16", "dynamic")
 
 
 def _float32_policies(config):
@@ -132,24 +128,21 @@ def export_tflite(model, path, quantize="none"):
     Keras' own `model.export(format="litert")` (TensorFlow's converter) does the
     conversion; `quantize` stores the weights as float32 (`"none"`), float16, or
     int8 with dynamic-range quantisation (`"dynamic"`). The file is written to a
-    temporary name and renamed. Returns `path`.
+    temporary name and renamed (`io.atomic_path`, which also gives it the
+    permissions of any new file). Returns `path`.
     """
     check_backend()
     import tensorflow as tf
 
-    from nam_keras.io import atomic_path
-
-    if quantize not in TFLITE_QUANTIZATION:
-        raise ValueError(f"quantize must be one of {sorted(TFLITE_QUANTIZATION)}; got {quantize!r}")
+    if quantize not in TFLITE_QUANTIZATIONS:
+        raise ValueError(f"quantize must be one of {TFLITE_QUANTIZATIONS}; got {quantize!r}")
     path = os.fspath(path)
     if not path.endswith(".tflite"):
         raise ModelError(f"the LiteRT file name must end with .tflite; received {path!r}.")
     model = float32_copy(model)  # LiteRT's kernels have no bfloat16
-    settings = TFLITE_QUANTIZATION[quantize]
-    kwargs = {}
-    if "optimizations" in settings:
-        kwargs["optimizations"] = [tf.lite.Optimize.DEFAULT]
-    if "target_spec" in settings:
+    # converter settings, passed through `model.export(format="litert")`
+    kwargs = {} if quantize == "none" else {"optimizations": [tf.lite.Optimize.DEFAULT]}
+    if quantize == "float16":
         kwargs["target_spec"] = {"supported_types": [tf.float16]}
     images = keras.Input(IMAGE_SHAPE, dtype="uint8", name="images")
     logits = model(keras.ops.cast(images, "float32"))
@@ -158,5 +151,4 @@ def export_tflite(model, path, quantize="none"):
     signature = [tf.TensorSpec((None, *IMAGE_SHAPE), tf.uint8, name="images")]
     with atomic_path(path, suffix=".tflite") as tmp:
         serving.export(tmp, format="litert", input_signature=signature, verbose=False, **kwargs)
-    os.chmod(path, 0o666 & ~current_umask())
     return path
