@@ -31,7 +31,7 @@ def main(argv=None):
     """`train.py` with `argv` (default `sys.argv[1:]`); returns the exit code."""
     config = cli.parse_config(TrainConfig, argv, PROG, __doc__.split("\n\n")[0])
     cli.start_quietly()
-    from nam_keras.experiment import train
+    from nam_keras.training.experiment import train
 
     return cli.run_main(PROG, train, config)
 

@@ -11,7 +11,7 @@ cost relative to the plain ResNet, parameters and forward multiply-adds.
 import harness
 from train_step import measure
 
-from nam_keras.distribute import accelerators, resolve_jit, resolve_precision
+from nam_keras.training.distribute import accelerators, resolve_jit, resolve_precision
 
 MODULES = (None, "nam", "se", "cbam", "bam")
 

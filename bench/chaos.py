@@ -24,7 +24,7 @@ import time
 
 import harness
 
-from nam_keras import rundir
+from nam_keras.training import run_directory as rundir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "INT": signal.SIGINT}

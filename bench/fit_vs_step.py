@@ -5,7 +5,7 @@
 
 Both use the same compiled model (precision `auto`, XLA off on the CPU). The
 "bare" figure repeats one batch already in memory; the "fit" figure runs
-`model.fit` on `data.train_pipeline` (per-image augmentation, shuffling,
+`model.fit` on `pipeline.train_pipeline` (per-image augmentation, shuffling,
 prefetching) over synthetic CIFAR-shaped data, which takes the same path as
 the real data. The pipeline's cost is 1 - fit / bare images/s.
 """
@@ -14,8 +14,8 @@ import time
 
 import harness
 
-from nam_keras import data
-from nam_keras.distribute import accelerators, resolve_jit, resolve_precision
+from nam_keras.data import pipeline
+from nam_keras.training.distribute import accelerators, resolve_jit, resolve_precision
 
 
 def main(argv=None):
@@ -25,16 +25,16 @@ def main(argv=None):
     precision, xla = resolve_precision("auto", gpus), resolve_jit("auto", gpus)
     model = harness.compiled_resnet(args.depth, args.width, precision, xla)
     n = args.batch_size * (args.steps + args.warmup)
-    train, _ = data.load_cifar100("synthetic", synthetic_sizes=(max(n, 1024), 16))
-    x, y = next(iter(data.train_pipeline(train, args.batch_size, seed=0)))
+    train, _ = pipeline.load_cifar100("synthetic", synthetic_sizes=(max(n, 1024), 16))
+    x, y = next(iter(pipeline.train_pipeline(train, args.batch_size, seed=0)))
 
     median, _ = harness.timed(harness.train_step_fn(model, x, y), args.steps, args.warmup)
     bare = args.batch_size / median
 
-    pipeline = data.train_pipeline(train, args.batch_size, seed=0, repeat=True)
-    model.fit(pipeline, epochs=1, steps_per_epoch=args.warmup, verbose=0)
+    batches = pipeline.train_pipeline(train, args.batch_size, seed=0, repeat=True)
+    model.fit(batches, epochs=1, steps_per_epoch=args.warmup, verbose=0)
     start = time.perf_counter()
-    model.fit(pipeline, epochs=1, steps_per_epoch=args.steps, verbose=0)
+    model.fit(batches, epochs=1, steps_per_epoch=args.steps, verbose=0)
     fit = args.steps * args.batch_size / (time.perf_counter() - start)
     cost = 1 - fit / bare
     print(

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.eager import context
 
-import nam_keras.normalization as normalization
+import nam_keras.layers.normalization as normalization
 
 #: op types worth counting (substring match, oneDNN names included)
 WATCH = (

@@ -23,7 +23,7 @@ import keras
 import numpy as np
 
 from nam_keras import TorchSGD, build_resnet
-from nam_keras.resnet import forward_multiply_adds
+from nam_keras.models.resnet import forward_multiply_adds
 
 FULL = {
     "depth": 50,

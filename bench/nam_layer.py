@@ -18,7 +18,7 @@ import tensorflow as tf
 from keras import ops
 
 from nam_keras import NAMAttention
-from nam_keras.normalization import BN_EPSILON
+from nam_keras.layers.normalization import BN_EPSILON
 
 
 def nam_in_ops(x, gamma, beta):

@@ -12,7 +12,7 @@ import time
 
 import harness
 
-from nam_keras import data
+from nam_keras.data import pipeline
 
 
 def main(argv=None):
@@ -21,8 +21,8 @@ def main(argv=None):
     parser.add_argument("--train-size", type=int, default=50_000)
     args = parser.parse_args(argv)
 
-    train, _ = data.load_cifar100("synthetic", synthetic_sizes=(args.train_size, 16))
-    it = iter(data.train_pipeline(train, args.batch_size, seed=0, repeat=True))
+    train, _ = pipeline.load_cifar100("synthetic", synthetic_sizes=(args.train_size, 16))
+    it = iter(pipeline.train_pipeline(train, args.batch_size, seed=0, repeat=True))
     for _ in range(args.warmup):
         next(it)
     start = time.perf_counter()

@@ -19,8 +19,8 @@ import tensorflow as tf
 def export_fresh(attention, bn):
     """Exports an (untrained) ResNet-50 with `attention` ("nam" or None)."""
     from nam_keras import build_resnet
-    from nam_keras.export import export_saved_model
-    from nam_keras.normalization import fused_kernels
+    from nam_keras.layers.normalization import fused_kernels
+    from nam_keras.serving.export import export_saved_model
 
     with fused_kernels(bn == "fused"):
         model = build_resnet(attention=attention)

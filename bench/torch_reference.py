@@ -150,7 +150,7 @@ def main(argv=None):
 
     from train_step import measure
 
-    from nam_keras.distribute import accelerators, resolve_jit, resolve_precision
+    from nam_keras.training.distribute import accelerators, resolve_jit, resolve_precision
 
     gpus = accelerators()
     precision, xla = resolve_precision("auto", gpus), resolve_jit("auto", gpus)

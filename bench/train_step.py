@@ -23,8 +23,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from nam_keras.normalization import fused_kernels
-from nam_keras.resnet import forward_multiply_adds
+from nam_keras.layers.normalization import fused_kernels
+from nam_keras.models.resnet import forward_multiply_adds
 
 PEAK_DTYPE = {"float32": tf.float32, "mixed_bfloat16": tf.bfloat16, "mixed_float16": tf.float16}
 

@@ -1,10 +1,19 @@
 """nam-keras: NAM (Normalization-based Attention Module) in a CIFAR ResNet, Keras 3.
 
 Importing this package registers its serialisable objects, so that
-`keras.models.load_model("nam.keras")` works. The model side (layers, network,
-optimizer, callbacks) is written in `keras.ops`; the data pipeline
-(`nam_keras.data`), the training run (`nam_keras.experiment`) and the
-SavedModel export (`nam_keras.export`) use TensorFlow.
+`keras.models.load_model("nam.keras")` works. The package is laid out by
+concept, and by what each part needs:
+
+- `nam_keras.layers` (NAM, SE, CBAM, BAM, BatchNormalization), `nam_keras.models`
+  (the ResNets), `nam_keras.training.optimizers` and `nam_keras.training.schedules`:
+  `keras.ops` only, on every Keras backend, no TensorFlow;
+- `nam_keras.cifar100` (the dataset's facts), `nam_keras.config` (the settings),
+  `nam_keras.data.sources` (the data as NumPy arrays): plain Python and NumPy;
+- `nam_keras.data.pipeline` (`tf.data`), `nam_keras.training.experiment` (the
+  training run) and `nam_keras.serving.export` (SavedModel, LiteRT): TensorFlow;
+- `nam_keras.reports` (evaluation, comparison of runs).
+
+This module re-exports the public API of the backend-independent parts.
 """
 
 import os as _os
@@ -15,24 +24,8 @@ from nam_keras.console import quiet_startup as _quiet_startup
 with _quiet_startup(enabled=_os.environ.get(_QUIET_START) == "1"):
     import keras as _keras  # noqa: F401  (imports the backend: TensorFlow's start-up noise)
 
-from nam_keras.attention import (
-    ATTENTIONS,
-    NAMAttention,
-    create_attention,
-    get_attention,
-    register_attention,
-)
-from nam_keras.attention_baselines import BAMAttention, CBAMAttention, SEAttention
-from nam_keras.callbacks import (
-    EpochCosine,
-    MultiStep,
-    NAMSparsity,
-    StopOnNonFiniteLoss,
-    WarmupCosine,
-    epoch_cosine,
-    multistep,
-    warmup_cosine,
-)
+from nam_keras.cifar100 import MEAN as CIFAR100_MEAN
+from nam_keras.cifar100 import STD as CIFAR100_STD
 from nam_keras.config import EvalConfig, TrainConfig
 from nam_keras.errors import (
     ConfigError,
@@ -41,17 +34,28 @@ from nam_keras.errors import (
     NonFiniteLossError,
     TrainingInterruptedError,
 )
-from nam_keras.normalization import BN_EPSILON, BN_MOMENTUM, batch_normalization
-from nam_keras.optimizers import TorchSGD
-from nam_keras.resnet import (
-    CIFAR100_MEAN,
-    CIFAR100_STD,
-    RESNET_CONFIGS,
-    build_resnet,
-    nam_layers,
+from nam_keras.layers.attention import (
+    ATTENTIONS,
+    NAMAttention,
+    create_attention,
+    get_attention,
+    register_attention,
+)
+from nam_keras.layers.attention_baselines import BAMAttention, CBAMAttention, SEAttention
+from nam_keras.layers.normalization import BN_EPSILON, BN_MOMENTUM, batch_normalization
+from nam_keras.models.resnet import RESNET_CONFIGS, build_resnet, nam_layers
+from nam_keras.training.callbacks import NAMSparsity, StopOnNonFiniteLoss
+from nam_keras.training.optimizers import TorchSGD
+from nam_keras.training.schedules import (
+    EpochCosine,
+    MultiStep,
+    WarmupCosine,
+    epoch_cosine,
+    multistep,
+    warmup_cosine,
 )
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "ATTENTIONS",

@@ -38,7 +38,7 @@ def start_quietly():
     """Asks the Keras backend for its devices inside `console.quiet_startup`, so
     that CUDA's probing noise is dropped before the first message of ours
     (`import nam_keras` drops TensorFlow's import noise for the command lines)."""
-    from nam_keras import distribute
+    from nam_keras.training import distribute
 
     with quiet_startup(enabled=os.environ.get(QUIET_START) == "1"):
         distribute.accelerators()

@@ -12,6 +12,10 @@ import math
 
 from nam_keras.errors import ConfigError
 
+# The choices below are those of the library's registries, written out so that
+# parsing a command line imports no Keras; tests/test_config.py checks each list
+# against its registry (`data.sources`, `models.resnet`, `layers.attention`,
+# `data.pipeline`, `training.schedules`).
 DATASETS = ("cifar100", "synthetic")
 DEPTHS = (18, 34, 50, 101, 152)
 STEMS = ("cifar", "imagenet")
@@ -20,7 +24,12 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 MODELS = ("nam", "se", "cbam", "bam", "baseline")
 SCHEDULES = ("warmup-cosine", "epoch-cosine", "multistep")
 AUGMENTATIONS = ("reference", "crop-flip", "none")
-NUM_CLASSES = 100
+#: Settings that are arguments of one attention module: module -> {setting: its
+#: argument}. They apply to that module only: given with another, they are refused,
+#: and they are resume keys only for the runs that use them.
+ATTENTION_OPTIONS = {
+    "nam": {"spatial": "spatial", "sparsity": "sparsity", "stop_gradient": "stop_gradient"},
+}
 MAX_SEED = 2**32 - 1
 MAX_WIDTH = 1024
 
@@ -247,21 +256,21 @@ class TrainConfig(DataConfig):
     )
     spatial: bool = setting(
         False,
-        "add NAM pixel attention after the channel one",
+        "add NAM pixel attention after the channel one (--attention nam only)",
         "model",
         action="store_true",
         resume=True,
     )
     sparsity: float = setting(
         1e-4,
-        "weight p of the L1 penalty on the NAM BN scales (0 disables)",
+        "weight p of the L1 penalty on the NAM BN scales, 0 disables (--attention nam only)",
         "model",
         type=non_negative_float,
         resume=True,
     )
     stop_gradient: bool = setting(
         False,
-        "no gradient through the NAM weights (official PyTorch behaviour)",
+        "no gradient through the NAM weights, as the official PyTorch code (--attention nam only)",
         "model",
         action="store_true",
         resume=True,
@@ -449,6 +458,20 @@ class TrainConfig(DataConfig):
             raise ConfigError(
                 f"--milestones must be strictly increasing epochs; received {list(self.milestones)}"
             )
+        self._check_attention_options()
+
+    def _check_attention_options(self):
+        """Refuses a module's option set (away from its default) for another module."""
+        own = ATTENTION_OPTIONS.get(self.model, {})
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        for module, options in ATTENTION_OPTIONS.items():
+            for name in options:
+                field = fields[name]
+                if name not in own and getattr(self, name) != field.default:
+                    raise ConfigError(
+                        f"{flag(field)} is an option of --attention {module} only; received it "
+                        f"with --attention {self.model}, which does not use it. Drop it."
+                    )
 
     # === derived ===
     @property
@@ -460,6 +483,23 @@ class TrainConfig(DataConfig):
     def one_hot(self):
         """Labels are one-hot: MixUp, CutMix or label smoothing."""
         return self.mixing or self.label_smoothing > 0
+
+    @property
+    def attention_kwargs(self):
+        """The arguments of the attention module that come from the settings."""
+        options = ATTENTION_OPTIONS.get(self.model, {})
+        return {argument: getattr(self, name) for name, argument in options.items()}
+
+    def resume_keys(self):
+        """Settings (and derived values) a backup must share with the run resuming it:
+        the `resume=True` rows, but the options of modules this run does not use."""
+        unused = {
+            name
+            for module, options in ATTENTION_OPTIONS.items()
+            if module != self.model
+            for name in options
+        }
+        return (*(k for k in resume_fields() if k not in unused), "num_classes", "mixing")
 
     @property
     def peak_lr(self):
@@ -475,7 +515,13 @@ class TrainConfig(DataConfig):
         """
         if recipe not in RECIPES:
             raise ConfigError(f"--recipe: invalid choice {recipe!r} (choose from {tuple(RECIPES)})")
-        return cls(**{**RECIPES[recipe], **overrides, "recipe": recipe})
+        preset = dict(RECIPES[recipe])
+        model = overrides.get("model", preset.get("model", cls.model))
+        for module, options in ATTENTION_OPTIONS.items():  # a recipe's NAM options: NAM only
+            if module != model:
+                for name in options:
+                    preset.pop(name, None)
+        return cls(**{**preset, **overrides, "recipe": recipe})
 
     @property
     def resolved_run_dir(self):
@@ -579,10 +625,6 @@ def validate(config):
 def resume_fields(config_class=TrainConfig):
     """Names of the settings that must match for a backup to be resumed."""
     return tuple(f.name for f in dataclasses.fields(config_class) if f.metadata.get("resume"))
-
-
-#: Settings (and derived values) a backup must share with the run resuming it.
-RESUME_KEYS = (*resume_fields(), "num_classes", "mixing")
 
 
 def _defaults(config_class=TrainConfig):

@@ -151,7 +151,7 @@ def write_cifar_archive(path, n_train=6, n_test=4, seed=0, folder=False, drop=No
 
     Returns `(path written, {split: (NHWC images, labels)})`.
     """
-    from nam_keras.labels import CIFAR100_LABELS, FINE_TO_COARSE
+    from nam_keras.cifar100 import CIFAR100_LABELS, FINE_TO_COARSE
 
     rng = np.random.default_rng(seed)
     expected = {}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from nam_keras import BAMAttention, CBAMAttention, SEAttention, build_resnet, create_attention
-from nam_keras.resnet import forward_multiply_adds
+from nam_keras.models.resnet import forward_multiply_adds
 
 EPS = 1e-5
 BASELINE_RESNET50 = 23_758_372  # SPEC section 3

@@ -107,31 +107,59 @@ def test_model_side_suite_passes_on_jax():
     assert " passed" in summary and "skipped" in summary  # TensorFlow-only tests skip
 
 
+#: What imports where TensorFlow cannot be imported: the model side, the schedules,
+#: the optimizer, the settings, the data sources, the reports and the client.
+TENSORFLOW_FREE = (
+    "nam_keras",
+    "nam_keras.cifar100",
+    "nam_keras.cli",
+    "nam_keras.config",
+    "nam_keras.data.sources",
+    "nam_keras.layers.attention",
+    "nam_keras.layers.attention_baselines",
+    "nam_keras.layers.normalization",
+    "nam_keras.models.resnet",
+    "nam_keras.reports.compare",
+    "nam_keras.reports.evaluation",
+    "nam_keras.serving.client",
+    "nam_keras.training.callbacks",
+    "nam_keras.training.optimizers",
+    "nam_keras.training.schedules",
+)
+
+
 def test_import_and_build_without_tensorflow(tmp_path):
     out = python(
         NO_TENSORFLOW
-        + """
-import keras, numpy as np, nam_keras
-from nam_keras import compare, config, cli
+        + f"""
+import importlib
+import keras, numpy as np
+for name in {TENSORFLOW_FREE!r}:
+    importlib.import_module(name)
+import nam_keras
 logits = nam_keras.build_resnet(depth=18, width=4)(np.zeros((2, 32, 32, 3), "uint8"))
 assert logits.shape == (2, 100)
 x = np.ones((2, 8, 8, 32), "float32")
-counts = {}
+counts = {{}}
 for kind in ["nam", "se", "cbam", "bam"]:
     layer = nam_keras.create_attention(kind, kind)
     assert layer(x, training=True).shape == x.shape
     counts[kind] = layer.count_params()
 assert not [m for m in sys.modules if m.startswith("tensorflow")], "tensorflow was imported"
-try:
-    import nam_keras.data
-except ModuleNotFoundError as err:
-    print("data:", err)
+for name in ("nam_keras.data.pipeline", "nam_keras.serving.export"):
+    try:
+        importlib.import_module(name)
+        print(name, "imported")
+    except ModuleNotFoundError as err:
+        print(name, "->", err)
 print(counts)
 """,
         "jax",
         tmp_path,
     ).stdout
-    assert "data: No module named 'tensorflow'" in out  # the pipeline stays TensorFlow
+    # the tf.data pipeline stays TensorFlow; the export imports it only when used
+    assert "nam_keras.data.pipeline -> No module named 'tensorflow'" in out
+    assert "nam_keras.serving.export imported" in out
     counts = eval(out.strip().splitlines()[-1])
     # NAM: BN(32) = 4 x 32; SE: 2 x 32 x 2 + 2 + 32; CBAM: SE + 98 + 4
     assert (counts["nam"], counts["se"], counts["cbam"]) == (128, 162, 264)

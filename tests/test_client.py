@@ -9,7 +9,7 @@ import typing
 import numpy as np
 import pytest
 
-from nam_keras import client
+from nam_keras.serving import client
 
 
 class _StubServing(http.server.BaseHTTPRequestHandler):

@@ -8,8 +8,8 @@ import shlex
 import pytest
 
 import train
-from nam_keras import compare
 from nam_keras.errors import ConfigError
+from nam_keras.reports import compare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -80,16 +80,44 @@ def test_eval_config_checks_near_zero():
         EvalConfig(model="m.keras", near_zero=0)
 
 
-def test_resume_keys_come_from_the_table():
+def test_resume_keys_are_the_settings_that_change_the_trained_model():
     """The model, the schedule and the data order must match to resume; where
     files go, verbosity and device options may change."""
-    assert config.RESUME_KEYS == (
-        "model", "depth", "width", "stem", "spatial", "sparsity", "stop_gradient",
-        "epochs", "batch_size", "lr", "lr_scaling", "schedule", "warmup_steps", "milestones",
-        "lr_decay", "momentum", "weight_decay", "steps_per_epoch", "augment", "randaugment",
-        "mixup", "cutmix", "label_smoothing", "ema", "seed", "precision", "num_classes",
-        "mixing",
-    )  # fmt: skip
+    keys = set(TrainConfig().resume_keys())
+    assert {"model", "depth", "epochs", "lr", "seed", "augment", "precision", "spatial"} <= keys
+    assert not keys & {"run_dir", "output", "verbose", "resume", "val_freq", "jit_compile"}
+    rows = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("resume")}
+    assert keys == rows | {"num_classes", "mixing"}
+
+
+def test_attention_options_are_resume_keys_only_for_their_module():
+    se_keys = set(TrainConfig(model="se").resume_keys())
+    assert se_keys.isdisjoint({"spatial", "sparsity", "stop_gradient"})
+    assert {"model", "depth", "seed"} <= se_keys
+
+
+@pytest.mark.parametrize(
+    "option, value, flag",
+    [("spatial", True, "--spatial"), ("sparsity", 0.5, "--sparsity"),
+     ("stop_gradient", True, "--stop-gradient")],
+)  # fmt: skip
+@pytest.mark.parametrize("model", ["se", "cbam", "bam", "baseline"])
+def test_attention_options_are_refused_for_other_modules(model, option, value, flag):
+    with pytest.raises(ConfigError, match=f"{flag} is an option of --attention nam only") as err:
+        TrainConfig(model=model, **{option: value})
+    assert f"--attention {model}" in str(err.value)
+
+
+def test_attention_options_reach_the_module():
+    nam = TrainConfig(spatial=True, sparsity=0.0, stop_gradient=True)
+    assert nam.attention_kwargs == {"spatial": True, "sparsity": 0.0, "stop_gradient": True}
+    assert TrainConfig(model="cbam").attention_kwargs == {}
+
+
+def test_a_recipe_presets_nam_options_for_nam_only():
+    assert TrainConfig.from_recipe("official").stop_gradient is True
+    se = TrainConfig.from_recipe("official", model="se")
+    assert se.stop_gradient is False and se.attention_kwargs == {}
 
 
 def test_to_dict_is_json_ready():

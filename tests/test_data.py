@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nam_keras import data
+from nam_keras.data import pipeline, sources
 from nam_keras.errors import DataError
 
 
@@ -26,7 +26,7 @@ def _assert_matches(arrays, expected):
 def test_archive_reader_decodes_chw_pixels(tmp_path, make_cifar_archive):
     path, expected = make_cifar_archive(tmp_path / "cifar-100-python.tar.gz")
     with pytest.warns(UserWarning, match="fewer than CIFAR-100's 50000; using it as a subset"):
-        arrays = data.read_cifar100_python(path)
+        arrays = sources.read_cifar100_python(path)
     _assert_matches(arrays, expected)
     # a known pixel, by hand: image 0, row 1, column 2 = data[0][c*1024 + 1*32 + 2]
     with tarfile.open(path) as tar:
@@ -38,18 +38,18 @@ def test_archive_reader_decodes_chw_pixels(tmp_path, make_cifar_archive):
 def test_archive_in_a_folder_and_extracted_folder(tmp_path, make_cifar_archive):
     _path, expected = make_cifar_archive(tmp_path / "cifar-100-python.tar.gz")
     with pytest.warns(UserWarning):
-        _assert_matches(data.read_cifar100_python(tmp_path), expected)
+        _assert_matches(sources.read_cifar100_python(tmp_path), expected)
     folder, expected = make_cifar_archive(tmp_path / "x", folder=True)
     with pytest.warns(UserWarning):
-        _assert_matches(data.read_cifar100_python(folder), expected)  # cifar-100-python/
+        _assert_matches(sources.read_cifar100_python(folder), expected)  # cifar-100-python/
     with pytest.warns(UserWarning):
-        _assert_matches(data.read_cifar100_python(folder.parent), expected)  # its parent
+        _assert_matches(sources.read_cifar100_python(folder.parent), expected)  # its parent
 
 
 def test_load_cifar100_from_archive_gives_datasets(tmp_path, make_cifar_archive):
     path, expected = make_cifar_archive(tmp_path / "c.tar.gz")
     with pytest.warns(UserWarning):
-        train, test = data.load_cifar100(data_dir=str(path))
+        train, test = pipeline.load_cifar100(data_dir=str(path))
     images, labels = next(iter(train.batch(100)))
     assert images.dtype == tf.uint8 and labels.dtype == tf.int32
     np.testing.assert_array_equal(images.numpy(), expected["train"][0])
@@ -95,15 +95,15 @@ def test_corrupt_archives_give_clear_errors(tmp_path, make_cifar_archive, breaka
                 info = tarfile.TarInfo(f"cifar-100-python/{name}")
                 info.size = len(bodies[breakage])
                 tar.addfile(info, io.BytesIO(bodies[breakage]))
-    with pytest.raises(data.DataError, match=message) as err:
-        data.read_cifar100_python(path)
+    with pytest.raises(sources.DataError, match=message) as err:
+        sources.read_cifar100_python(path)
     assert str(path) in str(err.value)
 
 
 def _mock_cifar100(coarse_shift=0):
     """TFDS `as_dataset` replacement: 12 examples whose superclass labels follow
     the fine-to-coarse table (shifted by `coarse_shift`: a foreign dataset)."""
-    from nam_keras.labels import FINE_TO_COARSE
+    from nam_keras.cifar100 import FINE_TO_COARSE
 
     def as_dataset(*args, **kwargs):
         fine = np.arange(12) * 7 % 100
@@ -123,7 +123,7 @@ def test_tfds_code_path_on_mock_data():
 
     mock = tfds.testing.mock_data(as_dataset_fn=_mock_cifar100())
     with mock, pytest.warns(UserWarning, match="subset"):
-        train, test = data.load_cifar100("cifar100")
+        train, test = pipeline.load_cifar100("cifar100")
     images, labels = next(iter(train.batch(12)))
     assert images.shape == (12, 32, 32, 3) and images.dtype == tf.uint8
     assert (
@@ -135,18 +135,18 @@ def test_tfds_code_path_on_mock_data():
     foreign = tfds.testing.mock_data(as_dataset_fn=_mock_cifar100(coarse_shift=1))
     disagree = pytest.raises(DataError, match=r"12 of the 12 train superclass labels disagree")
     with foreign, disagree:
-        data.load_cifar100("cifar100")
+        pipeline.load_cifar100("cifar100")
 
 
 def test_archive_superclasses_must_follow_the_table(tmp_path, make_cifar_archive):
     path, _ = make_cifar_archive(tmp_path / "ok.tar.gz")
     with pytest.warns(UserWarning, match="subset"):
-        data.read_cifar100_python(str(path))  # the writer uses the table: accepted
+        sources.read_cifar100_python(str(path))  # the writer uses the table: accepted
     raw = pickle.dumps(
         {b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [0, 1], b"coarse_labels": [4, 2]}
     )  # apple -> 4 is right, fish -> 2 is not
     with pytest.raises(DataError, match=r"1 of the 2 test superclass labels disagree"):
-        data._decode_pickle(raw, "test", "archive.tar.gz")  # fmt: skip
+        sources._decode_pickle(raw, "test", "archive.tar.gz")  # fmt: skip
 
 
 def _closed_port():
@@ -156,21 +156,21 @@ def _closed_port():
 
 
 def test_offline_tfds_fails_fast_and_names_data_dir(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "DOWNLOAD_PROBE", ("127.0.0.1", _closed_port()))
+    monkeypatch.setattr(sources, "DOWNLOAD_PROBE", ("127.0.0.1", _closed_port()))
     start = time.monotonic()
-    with pytest.raises(data.DataError, match="--data-dir") as err:
-        data.load_cifar100("cifar100", tfds_data_dir=str(tmp_path))
+    with pytest.raises(sources.DataError, match="--data-dir") as err:
+        pipeline.load_cifar100("cifar100", tfds_data_dir=str(tmp_path))
     assert time.monotonic() - start < 10
     assert "cannot be reached" in str(err.value) and str(tmp_path) in str(err.value)
 
 
 def test_synthetic_source():
-    train, test = data.load_cifar100("synthetic", synthetic_sizes=(10, 3))
+    train, test = pipeline.load_cifar100("synthetic", synthetic_sizes=(10, 3))
     assert int(train.cardinality()) == 10 and int(test.cardinality()) == 3
     image, label = next(iter(train))
     assert image.shape == (32, 32, 3) and image.dtype == tf.uint8 and label.dtype == tf.int32
-    with pytest.raises(data.DataError, match="Unknown dataset 'cifar10'"):
-        data.load_cifar100("cifar10")
+    with pytest.raises(sources.DataError, match="Unknown dataset 'cifar10'"):
+        pipeline.load_cifar100("cifar10")
 
 
 # ------------------------------------------------------------------ augmentation
@@ -182,7 +182,7 @@ def _image(rng):
 
 def test_64_copies_of_one_image_come_out_different(rng):
     batch = np.repeat(_image(rng)[None], 64, axis=0)
-    out = data.augment_batch(batch, tf.constant([3, 4], tf.int64)).numpy()
+    out = pipeline.augment_batch(batch, tf.constant([3, 4], tf.int64)).numpy()
     flat = out.reshape(64, -1).round(3)
     assert len(np.unique(flat, axis=0)) >= 62
     assert out.min() >= 0.0 and out.max() <= 255.0 and out.dtype == np.float32
@@ -190,7 +190,7 @@ def test_64_copies_of_one_image_come_out_different(rng):
 
 def test_crop_alone_is_an_integer_shift_with_zero_fill(rng):
     img = _image(rng)
-    out = data.augment_batch(
+    out = pipeline.augment_batch(
         np.repeat(img[None], 32, 0),
         tf.constant([5, 6], tf.int64),
         flip=False,
@@ -210,7 +210,7 @@ def test_crop_alone_is_an_integer_shift_with_zero_fill(rng):
 
 def test_flip_alone_mirrors_about_half(rng):
     img = _image(rng)
-    out = data.augment_batch(
+    out = pipeline.augment_batch(
         np.repeat(img[None], 64, 0),
         tf.constant([7, 8], tf.int64),
         pad=0,
@@ -226,7 +226,7 @@ def test_flip_alone_mirrors_about_half(rng):
 
 def test_brightness_by_hand():
     img = np.full((1, 32, 32, 3), 100.0, "float32")
-    out = data.augment_batch(
+    out = pipeline.augment_batch(
         np.repeat(img, 256, 0),
         tf.constant([1, 1], tf.int64),
         pad=0,
@@ -243,11 +243,11 @@ def test_brightness_by_hand():
 
 
 def test_same_seed_same_first_batch_and_reshuffled_epochs():
-    train, _ = data.load_cifar100("synthetic", synthetic_sizes=(64, 8))
+    train, _ = pipeline.load_cifar100("synthetic", synthetic_sizes=(64, 8))
     first = lambda ds: next(iter(ds))
-    a = data.train_pipeline(train, 16, seed=1)
-    b = data.train_pipeline(train, 16, seed=1)
-    c = data.train_pipeline(train, 16, seed=2)
+    a = pipeline.train_pipeline(train, 16, seed=1)
+    b = pipeline.train_pipeline(train, 16, seed=1)
+    c = pipeline.train_pipeline(train, 16, seed=2)
     np.testing.assert_array_equal(first(a)[0].numpy(), first(b)[0].numpy())
     assert not np.array_equal(first(a)[0].numpy(), first(c)[0].numpy())
     epoch1 = [y.numpy() for _, y in a]
@@ -258,9 +258,9 @@ def test_same_seed_same_first_batch_and_reshuffled_epochs():
 
 
 def test_eval_pipeline_is_never_augmented():
-    _train, test = data.load_cifar100("synthetic", synthetic_sizes=(8, 10))
+    _train, test = pipeline.load_cifar100("synthetic", synthetic_sizes=(8, 10))
     raw = np.stack([x.numpy() for x, _ in test])
-    got = np.concatenate([x.numpy() for x, _ in data.eval_pipeline(test, 4)])
+    got = np.concatenate([x.numpy() for x, _ in pipeline.eval_pipeline(test, 4)])
     assert got.shape == (10, 32, 32, 3)  # keeps the last partial batch
     np.testing.assert_array_equal(got, raw.astype("float32"))
 
@@ -269,8 +269,8 @@ def test_eval_pipeline_is_never_augmented():
 def test_mixup_cutmix_randaugment_give_one_hot_mixtures(policy):
     # the global policy train.py sets must not reach the pipeline's layers
     keras.mixed_precision.set_global_policy(policy)
-    train, _ = data.load_cifar100("synthetic", synthetic_sizes=(32, 8))
-    ds = data.train_pipeline(train, 16, seed=0, randaugment=True, mixup=0.4, cutmix=1.0)
+    train, _ = pipeline.load_cifar100("synthetic", synthetic_sizes=(32, 8))
+    ds = pipeline.train_pipeline(train, 16, seed=0, randaugment=True, mixup=0.4, cutmix=1.0)
     images, labels = next(iter(ds))
     assert images.shape == (16, 32, 32, 3) and labels.shape == (16, 100)
     assert images.dtype == labels.dtype == tf.float32
@@ -279,8 +279,8 @@ def test_mixup_cutmix_randaugment_give_one_hot_mixtures(policy):
 
 
 def test_pipeline_rejects_bad_batch_sizes():
-    train, test = data.load_cifar100("synthetic", synthetic_sizes=(8, 8))
+    train, test = pipeline.load_cifar100("synthetic", synthetic_sizes=(8, 8))
     with pytest.raises(ValueError, match="larger than the 8 training examples"):
-        data.train_pipeline(train, 16)
+        pipeline.train_pipeline(train, 16)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
-        data.eval_pipeline(test, 0)
+        pipeline.eval_pipeline(test, 0)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import nam_keras
-from nam_keras import distribute
+from nam_keras.training import distribute
 
 
 @pytest.mark.parametrize(

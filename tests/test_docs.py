@@ -10,17 +10,20 @@ import re
 import pytest
 
 import nam_keras
-from nam_keras import attention, config, data, resnet
+from nam_keras import config
+from nam_keras.data import pipeline
+from nam_keras.layers import attention
+from nam_keras.models import resnet
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SOURCES = [*sorted((ROOT / "nam_keras").glob("*.py")), ROOT / "train.py", ROOT / "evaluate.py"]
+SOURCES = [*sorted((ROOT / "nam_keras").rglob("*.py")), ROOT / "train.py", ROOT / "evaluate.py"]
 
 
 def read(name):
     return (ROOT / name).read_text()
 
 
-@pytest.mark.parametrize("module", [attention, resnet, data], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [attention, resnet, pipeline], ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
@@ -85,7 +88,7 @@ def test_readme_layout_describes_every_module_in_one_line():
     readme = read("README.md")
     layout = readme[readme.index("## Layout") :]
     layout = layout[: layout.index("\n## ", 1)]
-    modules = {p.name for p in (ROOT / "nam_keras").glob("*.py") if p.name != "__init__.py"}
+    modules = {p.name for p in (ROOT / "nam_keras").rglob("*.py") if p.name != "__init__.py"}
     rows = re.findall(r"^\| `nam_keras/(\w+\.py)` \| (.+) \|$", layout, re.M)
     assert {m for m, _ in rows} == modules
     assert all(len(text) > 20 for _, text in rows)
@@ -116,7 +119,7 @@ def test_no_function_is_longer_than_50_lines():
 
 def test_every_public_function_and_class_has_a_docstring():
     missing = []
-    for path in sorted((ROOT / "nam_keras").glob("*.py")):
+    for path in sorted((ROOT / "nam_keras").rglob("*.py")):
         for node in ast.parse(path.read_text()).body:
             is_def = isinstance(node, (ast.FunctionDef, ast.ClassDef))
             if is_def and not node.name.startswith("_") and not ast.get_docstring(node):

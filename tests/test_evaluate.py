@@ -7,8 +7,8 @@ import pytest
 
 import evaluate
 import nam_keras
-from nam_keras import evaluation
-from nam_keras.data import CIFAR100_LABELS
+from nam_keras.cifar100 import CIFAR100_LABELS
+from nam_keras.reports import evaluation
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import nam_keras
-from nam_keras import evaluation
+from nam_keras.reports import evaluation
 
 
 def test_accuracy_report_by_hand():
@@ -57,7 +57,7 @@ def test_console_lines_of_the_reports():
 
 
 def test_superclass_report_by_hand():
-    from nam_keras.labels import CIFAR100_LABELS
+    from nam_keras.cifar100 import CIFAR100_LABELS
 
     index = CIFAR100_LABELS.index
     labels = np.array([index("apple"), index("aquarium_fish"), index("baby")])
@@ -80,7 +80,7 @@ def test_superclass_report_by_hand():
 def test_flip_tta_averages_the_image_and_its_mirror(tmp_path):
     import keras
 
-    from nam_keras import data
+    from nam_keras.data import sources
     from nam_keras.config import EvalConfig
 
     keras.utils.set_random_seed(0)
@@ -88,7 +88,7 @@ def test_flip_tta_averages_the_image_and_its_mirror(tmp_path):
     logits = keras.layers.Dense(100)(keras.layers.Flatten()(inputs / 255.0))
     model = keras.Model(inputs, logits)  # not mirror-symmetric: flipping changes its output
     config = EvalConfig(model="m", dataset="synthetic", synthetic_size=(8, 16), batch_size=5)
-    images, labels = data.load_for(config)["test"]
+    images, labels = sources.load_for(config)["test"]
     x = images.astype("float32")
     a = evaluation.softmax(np.asarray(model(x), np.float64))
     b = evaluation.softmax(np.asarray(model(x[:, :, ::-1]), np.float64))

@@ -6,8 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from nam_keras import experiment
 from nam_keras.config import TrainConfig
+from nam_keras.training import experiment
 
 
 def tiny_config(tmp_path, **overrides):

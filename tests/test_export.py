@@ -11,7 +11,7 @@ import tensorflow as tf
 
 import evaluate
 import nam_keras
-from nam_keras import export
+from nam_keras.serving import export
 
 SAVED_MODEL_CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
 

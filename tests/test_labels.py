@@ -2,7 +2,7 @@
 
 from collections import Counter
 
-from nam_keras.labels import CIFAR100_COARSE_LABELS, CIFAR100_LABELS, FINE_TO_COARSE
+from nam_keras.cifar100 import CIFAR100_COARSE_LABELS, CIFAR100_LABELS, FINE_TO_COARSE
 
 
 def test_twenty_superclasses_of_five_classes_each():

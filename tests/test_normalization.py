@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nam_keras.normalization import (
+from nam_keras.layers.normalization import (
     BN_EPSILON,
     BN_MOMENTUM,
     FusedBatchNormalization,

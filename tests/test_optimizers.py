@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from nam_keras.optimizers import TorchSGD
+from nam_keras.training.optimizers import TorchSGD
 
 
 def test_torch_sgd_matches_the_pytorch_update_by_hand():

@@ -13,10 +13,11 @@ import keras
 import numpy as np
 import pytest
 
-from nam_keras import NAMAttention, batch_normalization, rundir
-from nam_keras.callbacks import EpochBackup
+from nam_keras import NAMAttention, batch_normalization
 from nam_keras.errors import ConfigError
-from nam_keras.optimizers import TorchSGD
+from nam_keras.training import run_directory as rundir
+from nam_keras.training.callbacks import EpochBackup
+from nam_keras.training.optimizers import TorchSGD
 
 STEPS = 2  # steps per epoch of the tiny fits below
 Usage = namedtuple("Usage", "free")
@@ -123,7 +124,7 @@ def test_lock_refuses_a_second_holder_and_frees_on_kill(paths):
             sys.executable,
             "-c",
             textwrap.dedent(f"""
-        from nam_keras import rundir
+        from nam_keras.training import run_directory as rundir
         import time
         with rundir.lock(rundir.RunPaths({paths.run_dir!r}, "m.keras")):
             print("locked", flush=True)

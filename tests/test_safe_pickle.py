@@ -8,7 +8,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from nam_keras import data, safe_pickle
+from nam_keras.data import safe_pickle, sources
 from nam_keras.errors import DataError
 
 
@@ -100,7 +100,7 @@ def test_a_code_bearing_archive_is_refused_naming_file_and_global(tmp_path):
     evil = pickle.dumps({b"data": _Exploit(marker), b"fine_labels": [1]}, protocol=2)
     path = _archive_with(tmp_path / "c.tar.gz", {"train": evil, "test": good})
     with pytest.raises(DataError) as info:
-        data.read_cifar100_python(path)
+        sources.read_cifar100_python(path)
     message = str(info.value)
     assert str(path) in message and "'train' member was refused" in message
     assert "system" in message and not marker.exists()
@@ -109,10 +109,10 @@ def test_a_code_bearing_archive_is_refused_naming_file_and_global(tmp_path):
 def test_an_oversized_member_is_refused_unread(tmp_path, monkeypatch):
     good = pickle.dumps(_cifar_entry(), protocol=2)
     path = _archive_with(tmp_path / "c.tar.gz", {"train": good, "test": good})
-    monkeypatch.setitem(data.MAX_MEMBER_BYTES, "test", len(good) - 1)
+    monkeypatch.setitem(sources.MAX_MEMBER_BYTES, "test", len(good) - 1)
     with pytest.raises(DataError, match=r"cifar-100-python/test declares .* refused without"):
-        data.read_cifar100_python(path)
-    assert data.MAX_MEMBER_BYTES["train"] > 50_000 * 3072  # the real split fits
+        sources.read_cifar100_python(path)
+    assert sources.MAX_MEMBER_BYTES["train"] > 50_000 * 3072  # the real split fits
 
 
 def test_links_in_the_archive_are_ignored(tmp_path):
@@ -129,13 +129,13 @@ def test_links_in_the_archive_are_ignored(tmp_path):
         escape.size = len(good)
         tar.addfile(escape, io.BytesIO(good))
     with pytest.raises(DataError, match="has no cifar-100-python/train member"):
-        data.read_cifar100_python(path)
+        sources.read_cifar100_python(path)
 
 
 def test_an_oversized_file_in_the_extracted_folder_is_refused_unread(
     tmp_path, make_cifar_archive, monkeypatch
 ):
     folder, _ = make_cifar_archive(tmp_path, folder=True)
-    monkeypatch.setitem(data.MAX_MEMBER_BYTES, "train", 10)
+    monkeypatch.setitem(sources.MAX_MEMBER_BYTES, "train", 10)
     with pytest.raises(DataError, match=r"cifar-100-python/train declares .* refused without"):
-        data.read_cifar100_python(folder)
+        sources.read_cifar100_python(folder)

@@ -11,7 +11,7 @@ import pytest
 
 import nam_keras
 import train
-from nam_keras import rundir
+from nam_keras.training import run_directory as rundir
 
 # step 0 runs at LR 0 (warmup), step 1 at 1e30: the weights blow up and the
 # loss of step 2 (epoch 3) is NaN, after two good epochs are backed up.

@@ -1,7 +1,18 @@
-"""CIFAR-100's class names: the 100 fine labels, the 20 superclasses and the
-fixed fine-to-coarse table (the archive's `coarse_labels` and TFDS'
-`coarse_label`, checked against it by the loaders). No TensorFlow here.
+"""CIFAR-100's facts, in one place: image shape, classes, split sizes, the
+channel statistics, the 100 class names, the 20 superclasses and the fixed
+fine-to-coarse table (the archive's `coarse_labels` and TFDS' `coarse_label`
+are checked against it by the loaders). Standard library only.
 """
+
+#: One image: 32 x 32 pixels, RGB, channels last.
+IMAGE_SHAPE = (32, 32, 3)
+#: Fine classes (the labels the models predict).
+NUM_CLASSES = 100
+#: Examples per split of the full dataset.
+FULL_SIZES = {"train": 50_000, "test": 10_000}
+#: Channel mean and standard deviation on the [0, 1] scale (SPEC section 4).
+MEAN = (0.5071, 0.4865, 0.4409)
+STD = (0.1942, 0.1918, 0.1958)
 
 CIFAR100_LABELS = [
     "apple",

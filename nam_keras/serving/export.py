@@ -6,7 +6,7 @@ import tempfile
 
 import keras
 
-from nam_keras.data import IMAGE_SHAPE
+from nam_keras.cifar100 import IMAGE_SHAPE
 from nam_keras.errors import ConfigError, ModelError
 from nam_keras.io import atomic_path, current_umask
 

@@ -10,7 +10,7 @@ no module is special.
 import keras
 from keras import ops
 
-from nam_keras.normalization import BN_EPSILON, BN_MOMENTUM, batch_normalization
+from nam_keras.layers.normalization import BN_EPSILON, BN_MOMENTUM, batch_normalization
 
 # Guard for sum |gamma| = 0: then every |gamma_c| is 0 too and the weights are 0.
 _TINY = 1e-12

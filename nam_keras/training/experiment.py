@@ -1,7 +1,7 @@
 """One training run, as `train.py` runs it, in short steps that take a `TrainConfig`.
 
     from nam_keras.config import TrainConfig
-    from nam_keras.experiment import train
+    from nam_keras.training.experiment import train
     result = train(TrainConfig(dataset="synthetic", depth=18, width=8, epochs=1))
 
 `train` sets up the devices, prepares the run directory (resuming a backup),
@@ -20,11 +20,14 @@ import time
 import keras
 from keras import ops
 
-from nam_keras import callbacks, data, distribute, io, rundir
+from nam_keras import cifar100, io
 from nam_keras import config as settings
+from nam_keras.data import pipeline, sources
 from nam_keras.errors import ConfigError
-from nam_keras.optimizers import TorchSGD
-from nam_keras.resnet import build_resnet, forward_multiply_adds
+from nam_keras.models.resnet import build_resnet, forward_multiply_adds
+from nam_keras.training import callbacks, distribute, schedules
+from nam_keras.training import run_directory as rundir
+from nam_keras.training.optimizers import TorchSGD
 
 logger = logging.getLogger("nam_keras")
 
@@ -85,9 +88,9 @@ def load_datasets(config):
     """`(train batches repeated forever, validation batches or None, train size)`."""
     import tensorflow as tf
 
-    arrays = data.load_for(config)
+    arrays = sources.load_for(config)
     # train_pipeline refuses a batch larger than the training split (DataError).
-    train_ds = data.train_pipeline(
+    train_ds = pipeline.train_pipeline(
         tf.data.Dataset.from_tensor_slices(arrays["train"]),
         config.batch_size,
         seed=config.seed,
@@ -100,10 +103,10 @@ def load_datasets(config):
     )
     val_ds = None
     if config.val_freq:
-        val_ds = data.eval_pipeline(
+        val_ds = pipeline.eval_pipeline(
             tf.data.Dataset.from_tensor_slices(arrays["test"]),
             config.batch_size,
-            one_hot=data.NUM_CLASSES if config.one_hot else None,
+            one_hot=cifar100.NUM_CLASSES if config.one_hot else None,
         )
     return train_ds, val_ds, len(arrays["train"][1])
 
@@ -117,7 +120,7 @@ def resolved_config(config, devices, paths, n_train):
         **settings.to_dict(config),
         "precision": devices.precision,
         "jit_compile": devices.jit_compile,
-        "num_classes": data.NUM_CLASSES,
+        "num_classes": cifar100.NUM_CLASSES,
         "run_dir": paths.run_dir,
         "output": paths.output,
         "strategy": distribute.strategy_name(devices.strategy),
@@ -137,21 +140,14 @@ def resolved_config(config, devices, paths, n_train):
 def build_and_compile(config, devices):
     """The ResNet of `config`, compiled with the recipe's loss, optimizer and metrics."""
     with devices.strategy.scope():
-        nam = config.model == "nam"
         model = build_resnet(
             depth=config.depth,
-            num_classes=data.NUM_CLASSES,
+            num_classes=cifar100.NUM_CLASSES,
             attention=None if config.model == "baseline" else config.model,
             stem=config.stem,
             width=config.width,
             sync_bn=devices.sync_bn,
-            attention_kwargs={
-                "spatial": config.spatial,
-                "sparsity": config.sparsity,
-                "stop_gradient": config.stop_gradient,
-            }
-            if nam
-            else None,
+            attention_kwargs=config.attention_kwargs or None,
         )
         optimizer = TorchSGD(
             learning_rate=0.0,
@@ -183,15 +179,15 @@ def build_and_compile(config, devices):
 def schedule_callback(config, steps_per_epoch):
     """The learning-rate callback of `config.schedule`."""
     if config.schedule == "epoch-cosine":
-        return callbacks.EpochCosine(
+        return schedules.EpochCosine(
             config.peak_lr, steps_per_epoch, config.epochs, config.warmup_steps
         )
     if config.schedule == "multistep":
-        return callbacks.MultiStep(
+        return schedules.MultiStep(
             config.peak_lr, steps_per_epoch, config.milestones, config.lr_decay, config.warmup_steps
         )
     total_steps = steps_per_epoch * config.epochs
-    return callbacks.WarmupCosine(config.peak_lr, total_steps, config.warmup_steps)
+    return schedules.WarmupCosine(config.peak_lr, total_steps, config.warmup_steps)
 
 
 def _quick_run_hint(config, devices):
@@ -313,14 +309,14 @@ def already_complete(config, paths, resolved):
     summary = rundir.completed(paths)
     if summary is None or summary["output"] != paths.output:
         return None
-    rundir.check_resumable(paths, resolved, settings.RESUME_KEYS, settings.RESUME_DEFAULTS)
+    rundir.check_resumable(paths, resolved, config.resume_keys(), settings.RESUME_DEFAULTS)
     return summary
 
 
-def write_config(paths, resolved, resume):
+def write_config(config, paths, resolved, resume):
     """Checks a backup against the saved settings, then records this run's."""
     if resume and rundir.backups(paths.backup):
-        rundir.check_resumable(paths, resolved, settings.RESUME_KEYS, settings.RESUME_DEFAULTS)
+        rundir.check_resumable(paths, resolved, config.resume_keys(), settings.RESUME_DEFAULTS)
     text = json.dumps({rundir.OWNER_KEY: rundir.OWNER, **resolved}, indent=2, default=str)
     io.atomic_write_text(paths.config_json, text + "\n")
 
@@ -350,7 +346,7 @@ def _fit(config, devices, paths):
         )
         rundir.remove_backups(paths.backup)  # leftovers of a run stopped while cleaning up
         return TrainResult(model=keras.models.load_model(done["output"]), logs={}, summary=done)
-    write_config(paths, resolved, config.resume)
+    write_config(config, paths, resolved, config.resume)
     model = build_and_compile(config, devices)
     rundir.check_free_space(paths, model)
     resumed_epoch = restore_backup(model, config, devices, paths, resolved["steps_per_epoch"])

@@ -1,6 +1,6 @@
 """The comparison report: several training runs side by side.
 
-    python -m nam_keras.compare runs/nam runs/baseline runs/se --out comparison
+    python -m nam_keras.reports.compare runs/nam runs/baseline runs/se --out comparison
 
 reads each run directory that `train.py` wrote (`config.json`, `log.csv`,
 `summary.json` when the run finished) and writes to `--out`:
@@ -25,10 +25,11 @@ import os
 import statistics
 import sys
 
-from nam_keras import cli, io, rundir
+from nam_keras import cli, io
 from nam_keras.errors import ConfigError
+from nam_keras.training import run_directory as rundir
 
-PROG = "python -m nam_keras.compare"
+PROG = "python -m nam_keras.reports.compare"
 COLUMNS = (
     ("run", "run"),
     ("attention", "attention"),

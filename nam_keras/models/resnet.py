@@ -9,14 +9,12 @@ import dataclasses
 
 import keras
 
-from nam_keras import attention_baselines  # noqa: F401  (registers se, cbam, bam)
-from nam_keras.attention import ATTENTIONS, NAMAttention, create_attention
-from nam_keras.initializers import CONV_INIT, DENSE_INIT
-from nam_keras.normalization import batch_normalization
-
-#: CIFAR-100 channel statistics on the [0, 1] scale (SPEC section 4).
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.1942, 0.1918, 0.1958)
+from nam_keras import (
+    cifar100,
+)
+from nam_keras.layers.attention import ATTENTIONS, NAMAttention, create_attention
+from nam_keras.layers.initializers import CONV_INIT, DENSE_INIT
+from nam_keras.layers.normalization import batch_normalization
 
 #: depth -> (block kind, blocks per stage)
 RESNET_CONFIGS = {
@@ -174,8 +172,8 @@ def apply_stem(x, stem, filters, settings):
 def apply_normalization(x, dtype):
     """Raw [0, 255] pixels -> CIFAR-100 standardised; holds no weights."""
     return keras.layers.Normalization(
-        mean=[255.0 * m for m in CIFAR100_MEAN],
-        variance=[(255.0 * s) ** 2 for s in CIFAR100_STD],
+        mean=[255.0 * m for m in cifar100.MEAN],
+        variance=[(255.0 * s) ** 2 for s in cifar100.STD],
         name="normalize",
         dtype=dtype,
     )(x)

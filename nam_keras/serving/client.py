@@ -1,7 +1,7 @@
 """Send images to a TF Serving REST endpoint and print the top-5 CIFAR-100 labels.
 
-    python -m nam_keras.client cat.png truck.jpg                       # localhost:8501, model "nam"
-    python -m nam_keras.client --server http://host:8501 --model nam --version 2 img.png
+    python -m nam_keras.serving.client cat.png truck.jpg   # localhost:8501, model "nam"
+    python -m nam_keras.serving.client --server http://host:8501 --model nam --version 2 img.png
 
 Images that are not 32x32 are resized to 32x32 (CIFAR-100's size) first.
 """
@@ -16,7 +16,7 @@ import urllib.request
 
 import numpy as np
 
-from nam_keras.labels import CIFAR100_LABELS
+from nam_keras.cifar100 import CIFAR100_LABELS
 
 #: Largest image file and decoded size accepted (a CIFAR image is 32x32).
 MAX_IMAGE_BYTES = 20 << 20
@@ -141,7 +141,7 @@ def predict(url, images, timeout=30.0):
 def main(argv=None):
     """The client's command line; returns the exit code."""
     p = argparse.ArgumentParser(
-        prog="python -m nam_keras.client", description=__doc__.split("\n\n")[0]
+        prog="python -m nam_keras.serving.client", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("images", nargs="+", help="PNG/JPEG files")
     p.add_argument("--server", default="http://localhost:8501", help="TF Serving REST address")

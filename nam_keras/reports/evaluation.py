@@ -6,11 +6,16 @@ import zipfile
 import keras
 import numpy as np
 
-from nam_keras.data import IMAGE_SHAPE, NUM_CLASSES
+from nam_keras.cifar100 import (
+    CIFAR100_COARSE_LABELS,
+    CIFAR100_LABELS,
+    FINE_TO_COARSE,
+    IMAGE_SHAPE,
+    NUM_CLASSES,
+)
 from nam_keras.errors import ModelError
 from nam_keras.io import atomic_path
-from nam_keras.labels import CIFAR100_COARSE_LABELS, CIFAR100_LABELS, FINE_TO_COARSE
-from nam_keras.resnet import nam_layers
+from nam_keras.models.resnet import nam_layers
 
 
 def load_model(path):
@@ -191,10 +196,10 @@ def evaluate_test_set(model, config):
     """
     import tensorflow as tf
 
-    from nam_keras import data
+    from nam_keras.data import pipeline, sources
 
-    images, labels = data.load_for(config)["test"]
-    ds = data.eval_pipeline(tf.data.Dataset.from_tensor_slices((images, labels)), config.batch_size)
+    images, labels = sources.load_for(config)["test"]
+    ds = pipeline.eval_pipeline(tf.data.Dataset.from_tensor_slices((images, labels)), config.batch_size)
     logits = np.asarray(model.predict(ds, verbose=1), np.float64)
     if config.tta == "flip":
         mirrored = ds.map(lambda x, y: (tf.reverse(x, axis=[2]), y))

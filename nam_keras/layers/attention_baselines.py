@@ -22,9 +22,9 @@ BAM sits between stages (its `placement` is `"stage"`), after stages 1 to 3.
 import keras
 from keras import ops
 
-from nam_keras.attention import register_attention
-from nam_keras.initializers import CONV_INIT, DENSE_INIT
-from nam_keras.normalization import BN_EPSILON, BN_MOMENTUM, batch_normalization
+from nam_keras.layers.attention import register_attention
+from nam_keras.layers.initializers import CONV_INIT, DENSE_INIT
+from nam_keras.layers.normalization import BN_EPSILON, BN_MOMENTUM, batch_normalization
 
 #: CBAM's spatial BN: PyTorch momentum 0.01 in the official code, 0.99 in Keras' meaning.
 CBAM_BN_MOMENTUM = 0.99

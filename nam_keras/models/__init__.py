@@ -1,0 +1,2 @@
+"""The networks: CIFAR-style ResNets with an attention module in every block.
+Backend-independent (no TensorFlow needed)."""
