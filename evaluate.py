@@ -22,9 +22,9 @@ PROG = "evaluate.py"
 def run(config):
     """Evaluates, reports and exports as `config` asks; prints as it goes."""
     import nam_keras  # noqa: F401  (registers the custom objects)
+    from nam_keras.io import atomic_write_text, check_writable, make_folder
     from nam_keras.reports import evaluation
     from nam_keras.serving import export
-    from nam_keras.io import atomic_write_text, check_writable, make_folder
 
     cli.start_quietly()
     # backend and paths first: a bad one must not cost the whole evaluation

@@ -80,8 +80,8 @@ def test_superclass_report_by_hand():
 def test_flip_tta_averages_the_image_and_its_mirror(tmp_path):
     import keras
 
-    from nam_keras.data import sources
     from nam_keras.config import EvalConfig
+    from nam_keras.data import sources
 
     keras.utils.set_random_seed(0)
     inputs = keras.Input((32, 32, 3))

@@ -199,7 +199,9 @@ def evaluate_test_set(model, config):
     from nam_keras.data import pipeline, sources
 
     images, labels = sources.load_for(config)["test"]
-    ds = pipeline.eval_pipeline(tf.data.Dataset.from_tensor_slices((images, labels)), config.batch_size)
+    ds = pipeline.eval_pipeline(
+        tf.data.Dataset.from_tensor_slices((images, labels)), config.batch_size
+    )
     logits = np.asarray(model.predict(ds, verbose=1), np.float64)
     if config.tta == "flip":
         mirrored = ds.map(lambda x, y: (tf.reverse(x, axis=[2]), y))
