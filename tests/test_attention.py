@@ -1,10 +1,5 @@
 """NAMAttention against a NumPy transcription of SPEC section 2."""
 
-import json
-import subprocess
-import sys
-import textwrap
-
 import keras
 import numpy as np
 import pytest
@@ -115,12 +110,6 @@ def test_penalty_value(rng, spatial):
     np.testing.assert_allclose(float(layer.losses[0]), 3e-3 * total, rtol=1e-6)
 
 
-def test_sparsity_zero_adds_no_loss(rng):
-    layer = NAMAttention(sparsity=0)
-    layer(rng.normal(size=(2, 3, 3, 4)).astype("float32"))
-    assert layer.losses == []
-
-
 def _nam_model(sparsity):
     inputs = keras.Input((3, 3, 4))
     return keras.Model(inputs, NAMAttention(sparsity=sparsity, name="nam")(inputs))
@@ -221,7 +210,8 @@ def test_global_mixed_policy(rng):
     assert keras.backend.standardize_dtype(layer.losses[0].dtype) == "float32"
 
 
-def test_config_round_trip():
+def test_non_default_arguments_survive_the_config_and_reach_the_bns():
+    """The contract test round-trips the defaults; here NAM's own options."""
     layer = NAMAttention(
         spatial=True,
         channel=False,
@@ -230,49 +220,15 @@ def test_config_round_trip():
         epsilon=1e-3,
         momentum=0.8,
         synchronized=True,
+        float32_gate=False,
         name="n",
     )
-    config = layer.get_config()
-    json.dumps(config)  # JSON-only config
-    clone = NAMAttention.from_config(config)
-    for key in (
-        "channel",
-        "spatial",
-        "sparsity",
-        "stop_gradient",
-        "epsilon",
-        "momentum",
-        "synchronized",
-        "name",
-    ):
+    clone = NAMAttention.from_config(layer.get_config())
+    for key in ("channel", "spatial", "sparsity", "stop_gradient", "float32_gate", "name"):
         assert getattr(clone, key) == getattr(layer, key), key
-    assert clone.get_config() == config
-    assert clone.spatial_bn.momentum == 0.8 and clone.channel_bn is None
-
-
-def test_keras_file_round_trip_in_fresh_process(tmp_path, rng):
-    inputs = keras.Input((4, 4, 6))
-    x = keras.layers.Conv2D(6, 1, name="conv")(inputs)
-    x = NAMAttention(spatial=True, name="nam")(x)
-    model = keras.Model(inputs, x)
-    x_in = rng.normal(size=(3, 4, 4, 6)).astype("float32")
-    randomise(model.get_layer("nam").channel_bn, rng, 6)
-    want = keras.ops.convert_to_numpy(model(x_in, training=False))
-    path = tmp_path / "m.keras"
-    model.save(path)
-    np.save(tmp_path / "x.npy", x_in)
-    script = textwrap.dedent(
-        f"""
-        import numpy as np, keras, nam_keras
-        m = keras.models.load_model({str(path)!r})
-        assert type(m.get_layer("nam")).__name__ == "NAMAttention"
-        assert m.get_layer("nam").spatial
-        np.save({str(tmp_path / "y.npy")!r}, keras.ops.convert_to_numpy(
-            m(np.load({str(tmp_path / "x.npy")!r}), training=False)))
-        """
-    )
-    subprocess.run([sys.executable, "-c", script], check=True)
-    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), want)
+    assert clone.channel_bn is None
+    bn = clone.spatial_bn
+    assert (bn.epsilon, bn.momentum, bn.get_config()["synchronized"]) == (1e-3, 0.8, True)
 
 
 @pytest.mark.parametrize(

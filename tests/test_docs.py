@@ -84,14 +84,64 @@ def test_readme_signatures_match_the_code(name):
     assert readme_signature(name) == code_signature(getattr(nam_keras, name))
 
 
-def test_readme_layout_describes_every_module_in_one_line():
+def readme_section(title):
+    """The README's `## title` section, up to the next `## ` heading."""
     readme = read("README.md")
-    layout = readme[readme.index("## Layout") :]
-    layout = layout[: layout.index("\n## ", 1)]
-    modules = {p.name for p in (ROOT / "nam_keras").rglob("*.py") if p.name != "__init__.py"}
-    rows = re.findall(r"^\| `nam_keras/(\w+\.py)` \| (.+) \|$", layout, re.M)
-    assert {m for m, _ in rows} == modules
-    assert all(len(text) > 20 for _, text in rows)
+    section = readme[readme.index(f"\n## {title}\n") :]
+    end = section.find("\n## ", 1)
+    return section if end < 0 else section[:end]
+
+
+def test_readme_layout_names_every_subpackage_and_top_level_module():
+    layout = readme_section("Layout")
+    package = ROOT / "nam_keras"
+    subpackages = [
+        f"nam_keras/{init.parent.relative_to(package).as_posix()}/"
+        for init in sorted(package.rglob("__init__.py"))
+        if init.parent != package
+    ]
+    modules = [
+        f"nam_keras/{p.name}" for p in sorted(package.glob("*.py")) if p.name != "__init__.py"
+    ]
+    missing = [name for name in subpackages + modules if f"`{name}`" not in layout]
+    assert not missing, f"the README's layout does not name {missing}"
+    # the module files a sub-package's row lists are in that sub-package
+    rows = re.findall(r"^\| `(nam_keras/[\w/]+/)` \| (.+?) \|", layout, re.M)
+    assert len(rows) == len(subpackages)
+    wrong = [
+        folder + name
+        for folder, cell in rows
+        for name in re.findall(r"`(\w+\.py)`", cell)
+        if not (ROOT / folder / name).is_file()
+    ]
+    assert not wrong, f"the README's layout lists files that do not exist: {wrong}"
+
+
+REPO_PATH = re.compile(r"(?<![\w/.$-])((?:nam_keras|docs|bench|tests)/[\w./*-]*)")
+RUN_MODULE = re.compile(r"python -m (nam_keras(?:\.\w+)+)")
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/performance.md"])
+def test_every_path_module_and_link_a_doc_names_exists(doc):
+    text = read(doc)
+    paths = {path.rstrip(".").rstrip("/") for path in REPO_PATH.findall(text)}
+    missing = [path for path in sorted(paths) if not any(ROOT.glob(path))]
+    for module in sorted(set(RUN_MODULE.findall(text))):
+        source = ROOT / (module.replace(".", "/") + ".py")
+        if not source.is_file() or 'if __name__ == "__main__":' not in source.read_text():
+            missing.append(f"python -m {module}")
+    folder = (ROOT / doc).parent
+    links = [link for link in LINK.findall(text) if not link.startswith(("http://", "https://"))]
+    missing += [link for link in links if not (folder / link).exists()]
+    assert not missing, f"{doc} names what the repository does not hold: {missing}"
+
+
+def test_readme_is_short_and_the_measurements_live_in_docs():
+    readme = read("README.md")
+    assert len(readme.splitlines()) < 260
+    assert "](docs/performance.md)" in readme
+    assert "SPEC" not in readme  # the specification is not part of the repository
 
 
 def test_public_api_is_exported():

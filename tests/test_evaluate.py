@@ -1,13 +1,18 @@
-"""evaluate.py end to end: the printed and JSON reports, the plot, bad input."""
+"""evaluate.py end to end and `evaluation.evaluate` from Python: the printed
+and JSON reports, the numbers against NumPy, the plot, bad input."""
 
 import json
 
 import keras
+import numpy as np
 import pytest
 
 import evaluate
 import nam_keras
 from nam_keras.cifar100 import CIFAR100_LABELS
+from nam_keras.config import EvalConfig
+from nam_keras.data import sources
+from nam_keras.errors import ConfigError
 from nam_keras.reports import evaluation
 
 
@@ -42,8 +47,81 @@ def test_baseline_model_has_no_nam_report(tmp_path, capsys):
     path = tmp_path / "baseline.keras"
     nam_keras.build_resnet(depth=18, width=4, attention=None).save(path)
     assert evaluate.main([str(path), "--skip-eval", "--plots", str(tmp_path / "p")]) == 0
-    assert "the model has no NAM layers" in capsys.readouterr().out
+    assert "[nam-keras] NAM report: the model has no NAM layers" in capsys.readouterr().out
     assert evaluation.nam_report(keras.models.load_model(path)) is None
+
+
+# ------------------------------------------------------------------ from Python
+
+
+def _numpy_top1_and_loss(model, config):
+    """Top-1 and cross-entropy of `model` on the config's test split, in NumPy."""
+    images, labels = sources.load_for(config)["test"]
+    logits = keras.ops.convert_to_numpy(model(images.astype("float32"), training=False))
+    logits = logits.astype(np.float64)
+    log_z = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+    loss = (log_z - logits[np.arange(len(labels)), labels]).mean()
+    return (logits.argmax(1) == labels).mean(), loss
+
+
+def test_evaluate_returns_the_report_and_the_paths(tmp_path):
+    path = tmp_path / "nam.keras"
+    nam_keras.build_resnet(depth=18, width=4).save(path)
+    config = EvalConfig(
+        model=str(path),
+        dataset="synthetic",
+        synthetic_size=(8, 24),
+        batch_size=10,  # a last partial batch
+        json=str(tmp_path / "r.json"),
+        plots=str(tmp_path / "plots"),
+    )
+    result = evaluation.evaluate(config)
+    assert isinstance(result, evaluation.EvalResult) and isinstance(result.model, keras.Model)
+    top1, loss = _numpy_top1_and_loss(result.model, config)
+    test = result.report["test"]
+    assert test["examples"] == 24
+    assert test["top1"] == pytest.approx(top1) and test["loss"] == pytest.approx(loss, rel=1e-5)
+    assert result.report["nam"] == evaluation.nam_report(result.model, config.near_zero)
+    assert result.paths == {
+        "plot": str(tmp_path / "plots" / "nam_weights.png"),
+        "json": config.json,
+    }
+    assert json.loads((tmp_path / "r.json").read_text()) == result.report
+
+
+def _memorising_model(config, known):
+    """A linear model whose logits are 10 at the true class of the first
+    `known` test images and at a wrong class of the others."""
+    images, labels = sources.load_for(config)["test"]
+    x = images.reshape(len(images), -1).astype(np.float64) / 255.0
+    targets = np.where(np.arange(len(labels)) < known, labels, (labels + 1) % 100)
+    kernel = np.linalg.pinv(x) @ (10.0 * np.eye(100)[targets])  # exact: 3072 > n unknowns
+    inputs = keras.Input((32, 32, 3))
+    dense = keras.layers.Dense(100, use_bias=False)
+    model = keras.Model(inputs, dense(keras.layers.Flatten()(inputs / 255.0)))
+    dense.kernel.assign(kernel.astype("float32"))
+    return model
+
+
+def test_evaluate_top1_of_a_model_that_knows_some_labels(tmp_path):
+    config = EvalConfig(
+        model=str(tmp_path / "m.keras"), dataset="synthetic", synthetic_size=(8, 20)
+    )
+    _memorising_model(config, known=7).save(config.model)
+    result = evaluation.evaluate(config)
+    assert result.report["test"]["top1"] == pytest.approx(7 / 20)
+    top1, loss = _numpy_top1_and_loss(result.model, config)
+    assert top1 == pytest.approx(7 / 20)
+    assert result.report["test"]["loss"] == pytest.approx(loss, rel=1e-5)
+    assert result.report["nam"] is None and result.paths == {}
+
+
+def test_evaluate_checks_the_outputs_before_loading(tmp_path):
+    missing = tmp_path / "absent.keras"  # would be a ModelError, after the checks
+    with pytest.raises(ConfigError, match="does not exist"):
+        evaluation.evaluate(EvalConfig(model=str(missing), json=str(tmp_path / "no" / "r.json")))
+    with pytest.raises(ConfigError, match="name the model"):
+        evaluation.evaluate(EvalConfig(dataset="synthetic"))
 
 
 # ------------------------------------------------------------------ bad input

@@ -1,10 +1,13 @@
-"""The accuracy report and the NAM report, against hand computations."""
+"""The accuracy report, the NAM figures and report, softmax and flip TTA,
+against hand computations."""
 
 import numpy as np
 import pytest
 
 import nam_keras
+from nam_keras.models.resnet import nam_weight_figures
 from nam_keras.reports import evaluation
+from nam_keras.training.callbacks import NAMSparsity
 
 
 def test_accuracy_report_by_hand():
@@ -100,3 +103,73 @@ def test_flip_tta_averages_the_image_and_its_mirror(tmp_path):
     assert tta["loss"] == pytest.approx(want, rel=1e-5)
     assert plain["loss"] == pytest.approx(-np.log(a[np.arange(16), labels]).mean(), rel=1e-5)
     assert tta["top1"] == pytest.approx((mean.argmax(1) == labels).mean())
+
+
+def _assign_ones_except_first(model, first):
+    layers = nam_keras.nam_layers(model)
+    for layer in layers:
+        layer.channel_bn.gamma.assign(np.ones(layer.channel_bn.gamma.shape, "float32"))
+    layers[0].channel_bn.gamma.assign(np.asarray(first, "float32"))
+    return layers
+
+
+def test_nam_weight_figures_by_hand():
+    model = nam_keras.build_resnet(depth=18, width=4, input_shape=(8, 8, 3))
+    layers = _assign_ones_except_first(model, [0.01, -1.0, 2.0, 1.0])
+    figures = nam_weight_figures(model, near_zero=0.1)
+    # layer 0: |gamma| / 4.01 * 4 = [0.00998, 0.998, 1.995, 0.998]: one below 0.1;
+    # every other layer is uniform (1.0 each)
+    first = figures["layers"][0]["channel"]
+    np.testing.assert_allclose(first["weights"], np.array([0.01, 1, 2, 1]) / 4.01, rtol=1e-6)
+    np.testing.assert_allclose(first["relative"], np.array([0.01, 1, 2, 1]) * 4 / 4.01, rtol=1e-6)
+    assert first["near_zero"] == 1
+    assert all(e["channel"]["near_zero"] == 0 for e in figures["layers"][1:])
+    assert [e["layer"] for e in figures["layers"]] == [layer.name for layer in layers]
+    channels = sum(layer.channel_bn.gamma.shape[0] for layer in layers)
+    assert figures["channels"] == channels and figures["near_zero_channels"] == 1
+    assert figures["near_zero_fraction"] == pytest.approx(1 / channels)
+    assert figures["max_relative"] == pytest.approx(8 / 4.01)
+    # the same from the layers, and a threshold above 1 counts every uniform weight too
+    from_layers = nam_weight_figures(layers, near_zero=1.0)
+    assert from_layers["near_zero_channels"] == 1 + 2  # 0.00998 and the two 0.998
+
+
+def test_nam_weight_figures_count_spatial_weights_per_layer_only():
+    model = nam_keras.build_resnet(
+        depth=18, width=4, input_shape=(8, 8, 3), attention_kwargs={"spatial": True}
+    )
+    figures = nam_weight_figures(model)
+    entry = figures["layers"][0]
+    assert entry["spatial"]["weights"].size == 8 * 8  # one weight per pixel position
+    assert entry["spatial"]["weights"].sum() == pytest.approx(1.0)
+    assert figures["channels"] == sum(e["channel"]["weights"].size for e in figures["layers"])
+    plain = nam_keras.build_resnet(depth=18, width=4, input_shape=(8, 8, 3), attention=None)
+    assert nam_weight_figures(plain) is None
+
+
+def test_nam_sparsity_and_nam_report_agree(rng):
+    model = nam_keras.build_resnet(depth=18, width=8)
+    for layer in nam_keras.nam_layers(model):
+        n = layer.channel_bn.gamma.shape[0]
+        layer.channel_bn.gamma.assign(rng.normal(size=n).astype("float32"))
+    sparsity = NAMSparsity(near_zero=0.3)
+    sparsity.set_model(model)
+    logs = sparsity.figures()
+    report = evaluation.nam_report(model, near_zero=0.3)
+    assert logs["nam_near_zero"] == report["near_zero_fraction"]
+    assert 0 < report["near_zero_fraction"] < 1
+    peak = max(e["channel"]["relative_to_uniform"]["max"] for e in report["layers"])
+    assert logs["nam_max_weight"] == peak > 1
+
+
+def test_softmax_log_softmax_and_flip_average_by_hand():
+    a = np.array([[1.0, 2.0, 3.0], [1000.0, 0.0, -1000.0]])
+    b = np.array([[3.0, 2.0, 1.0], [0.0, 0.0, 0.0]])
+    p = np.exp(a[0]) / np.exp(a[0]).sum()
+    np.testing.assert_allclose(evaluation.softmax(a)[0], p, rtol=1e-12)
+    np.testing.assert_allclose(evaluation.softmax(a)[1], [1.0, 0.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(evaluation.log_softmax(a)[0], np.log(p), rtol=1e-12)
+    assert evaluation.log_softmax(a)[1, 2] == pytest.approx(-2000.0)  # finite, not -inf
+    mean = (evaluation.softmax(a) + evaluation.softmax(b)) / 2
+    np.testing.assert_allclose(np.exp(evaluation.flip_average(a, b)), mean, rtol=1e-12)
+    np.testing.assert_allclose(evaluation.flip_average(a, a), evaluation.log_softmax(a))

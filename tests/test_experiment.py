@@ -44,9 +44,12 @@ def test_train_returns_the_model_logs_and_summary(tmp_path):
 def test_ema_run_saves_and_validates_with_the_ema_weights(tmp_path):
     result = experiment.train(tiny_config(tmp_path, ema=0.5, epochs=2, val_freq=1))
     model = result.model
-    averages = model.optimizer._model_variables_moving_average
-    for var, avg in zip(model.trainable_variables, averages):  # finalize swapped them in
-        np.testing.assert_array_equal(np.asarray(var), np.asarray(avg))
+    # finalize_variable_values swapped the EMA in: every trainable variable equals
+    # its average, found among the optimizer's public variables by name
+    by_name = {v.name: v for v in model.optimizer.variables}
+    for var in model.trainable_variables:
+        average = by_name[var.path.replace("/", "_") + "_average"]
+        np.testing.assert_array_equal(np.asarray(var), np.asarray(average))
     saved = keras.models.load_model(tmp_path / "m.keras")
     for a, b in zip(saved.get_weights(), model.get_weights()):
         np.testing.assert_array_equal(a, b)

@@ -5,12 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nam_keras.layers.normalization import (
-    BN_EPSILON,
-    BN_MOMENTUM,
-    FusedBatchNormalization,
-    batch_normalization,
-)
+from nam_keras import build_resnet
+from nam_keras.layers.normalization import FusedBatchNormalization, batch_normalization
 
 
 def test_reference_settings_and_options():
@@ -18,7 +14,6 @@ def test_reference_settings_and_options():
     assert isinstance(bn, FusedBatchNormalization)
     assert isinstance(bn, keras.layers.BatchNormalization)
     assert (bn.epsilon, bn.momentum, bn.axis, bn.synchronized) == (1e-5, 0.9, -1, False)
-    assert (BN_EPSILON, BN_MOMENTUM) == (1e-5, 0.9)
     bn = batch_normalization(
         "b2", axis=1, synchronized=True, dtype="mixed_bfloat16", gamma_initializer="zeros"
     )
@@ -29,6 +24,43 @@ def test_reference_settings_and_options():
     assert bn.synchronized is (keras.backend.backend() == "tensorflow")
     bn.build((2, 3, 4))
     np.testing.assert_array_equal(np.asarray(bn.gamma), np.zeros(3))
+
+
+def test_every_bn_of_a_network_normalises_with_epsilon_1e5_and_momentum_0_9(rng, layers_of):
+    """Behaviour, not attributes: for every BN of a NAM ResNet (the NAM ones
+    included), the moving statistics move by 10% of the way to the batch's
+    (momentum 0.9; Keras' default 0.99 moves them by 1%), and the inference
+    output divides by sqrt(var + 1e-5), with variances small enough that
+    Keras' default 1e-3 would give another output."""
+    model = build_resnet(depth=18, width=4, input_shape=(8, 8, 3))
+    bns = layers_of(model, keras.layers.BatchNormalization)
+    assert len(bns) == 1 + 2 * 8 + 3 + 8  # stem, 2 per block, 3 shortcuts, 8 NAM
+    for bn in bns:
+        c = bn.gamma.shape[0]
+        x = rng.normal(0.3, 0.01, size=(2, 3, 3, c)).astype("float32")
+        gamma, beta = rng.uniform(0.5, 2.0, c), rng.normal(size=c)
+        mean0, var0 = rng.normal(0.3, 0.01, c), rng.uniform(1e-5, 4e-5, c)
+        for var, value in zip(
+            (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance), (gamma, beta, mean0, var0)
+        ):
+            var.assign(value.astype("float32"))
+        got = keras.ops.convert_to_numpy(bn(x, training=False)).astype("float64")
+        want = (x - mean0) / np.sqrt(var0 + 1e-5) * gamma + beta
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3, err_msg=bn.name)
+        bn(x, training=True)
+        x64 = x.astype("float64")
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(bn.moving_mean),
+            0.9 * mean0 + 0.1 * x64.mean((0, 1, 2)),
+            rtol=1e-5,
+            err_msg=bn.name,
+        )
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(bn.moving_variance),
+            0.9 * var0 + 0.1 * x64.var((0, 1, 2)),
+            rtol=1e-3,
+            err_msg=bn.name,
+        )
 
 
 def test_training_output_by_hand(rng):

@@ -7,6 +7,13 @@ import pytest
 from nam_keras.training.optimizers import TorchSGD
 
 
+def averages(optimizer, variables):
+    """The optimizer's EMA of each of `variables`, found in its public
+    `variables` by name (Keras names it after the model variable's path)."""
+    by_name = {v.name: v for v in optimizer.variables}
+    return [np.asarray(by_name[v.path.replace("/", "_") + "_average"]) for v in variables]
+
+
 def test_torch_sgd_matches_the_pytorch_update_by_hand():
     w0 = np.array([1.0, -2.0], "float32")
     var = keras.Variable(w0)
@@ -60,7 +67,13 @@ def test_the_ema_travels_with_the_weights_file(tmp_path):
     restored = compiled()
     restored.optimizer.build(restored.trainable_variables)
     restored.load_weights(tmp_path / "backup.weights.h5")
-    want = [np.asarray(v) for v in model.optimizer._model_variables_moving_average]
-    got = [np.asarray(v) for v in restored.optimizer._model_variables_moving_average]
-    assert len(want) == 2 and all(np.array_equal(a, b) for a, b in zip(want, got))
     assert int(restored.optimizer.iterations) == 2
+    want, got = (averages(m.optimizer, m.trainable_variables) for m in (model, restored))
+    assert len(want) == 2 and all(np.array_equal(a, b) for a, b in zip(want, got))
+    # what the averages are for: `finalize_variable_values` puts them in the model
+    raw = [np.asarray(v) for v in restored.trainable_variables]
+    for m in (model, restored):
+        m.optimizer.finalize_variable_values(m.trainable_variables)
+    for a, b, w in zip(model.get_weights(), restored.get_weights(), raw):
+        np.testing.assert_array_equal(a, b)
+        assert not np.array_equal(b, w)  # ema = 0.9 w1 + 0.1 w2 differs from w2

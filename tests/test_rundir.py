@@ -15,9 +15,9 @@ import pytest
 
 from nam_keras import NAMAttention, batch_normalization
 from nam_keras.errors import ConfigError
-from nam_keras.training import run_directory as rundir
-from nam_keras.training.callbacks import EpochBackup
+from nam_keras.training import run_directory
 from nam_keras.training.optimizers import TorchSGD
+from nam_keras.training.run_directory import RunDirectory
 
 STEPS = 2  # steps per epoch of the tiny fits below
 Usage = namedtuple("Usage", "free")
@@ -25,9 +25,14 @@ Usage = namedtuple("Usage", "free")
 
 @pytest.fixture
 def paths(tmp_path):
-    p = rundir.RunPaths(run_dir=str(tmp_path / "run"), output=str(tmp_path / "m.keras"))
-    rundir.make(p)
-    return p
+    """A run directory's folder, made but not opened (the methods under test directly)."""
+    os.makedirs(tmp_path / "run")
+    return RunDirectory(tmp_path / "run", tmp_path / "m.keras")
+
+
+def opened(paths, resume=True, settings=None):
+    """`RunDirectory.open` on the folder of `paths`."""
+    return RunDirectory.open(paths.run_dir, paths.output, settings or {}, [], resume=resume)
 
 
 def tiny_model(seed=0):
@@ -46,20 +51,21 @@ def tiny_model(seed=0):
 def fit_with_backups(model, paths, epochs):
     x = np.random.default_rng(0).integers(0, 255, (8 * STEPS, 8, 8, 3)).astype("float32")
     y = np.arange(8 * STEPS) % 10
-    model.fit(x, y, batch_size=8, epochs=epochs, verbose=0, callbacks=[EpochBackup(paths.backup)])
+    backup = paths.callback(STEPS, epochs)
+    model.fit(x, y, batch_size=8, epochs=epochs, verbose=0, callbacks=[backup])
     return model
 
 
 def test_epoch_backups_are_whole_named_by_epoch_and_two_are_kept(paths):
     fit_with_backups(tiny_model(), paths, epochs=3)
     assert sorted(os.listdir(paths.backup)) == ["epoch-00002.weights.h5", "epoch-00003.weights.h5"]
-    assert [e for e, _ in rundir.backups(paths.backup)] == [3, 2]
+    assert [e for e, _ in run_directory.backups(paths.backup)] == [3, 2]
 
 
 def test_restore_loads_weights_and_optimizer_state(paths):
     trained = fit_with_backups(tiny_model(), paths, epochs=2)
     fresh = tiny_model(seed=1)
-    assert rundir.restore(fresh, paths, epochs=5, steps_per_epoch=STEPS) == 2
+    assert paths.restore(fresh, 5, STEPS) == 2
     assert int(fresh.optimizer.iterations) == 2 * STEPS
     for a, b in zip(fresh.get_weights(), trained.get_weights()):
         np.testing.assert_array_equal(a, b)
@@ -69,11 +75,11 @@ def test_a_damaged_newest_backup_falls_back_to_the_previous(paths, caplog, monke
     monkeypatch.setattr(logging.getLogger("nam_keras"), "propagate", True)  # to caplog
     caplog.set_level(logging.INFO, logger="nam_keras")
     fit_with_backups(tiny_model(), paths, epochs=2)
-    newest = rundir.backup_path(paths.backup, 2)
+    newest = run_directory.backup_path(paths.backup, 2)
     with open(newest, "r+b") as f:  # as a kill in the middle of writing it would
         f.truncate(os.path.getsize(newest) // 3)
     fresh = tiny_model(seed=1)
-    assert rundir.restore(fresh, paths, epochs=5, steps_per_epoch=STEPS) == 1
+    assert paths.restore(fresh, 5, STEPS) == 1
     assert int(fresh.optimizer.iterations) == STEPS
     assert "skipped damaged backup(s): epoch-00002.weights.h5" in caplog.text
 
@@ -81,42 +87,46 @@ def test_a_damaged_newest_backup_falls_back_to_the_previous(paths, caplog, monke
 def test_no_loadable_backup_is_refused_naming_no_resume(paths):
     os.makedirs(paths.backup)
     for epoch in (1, 2):
-        with open(rundir.backup_path(paths.backup, epoch), "wb") as f:
+        with open(run_directory.backup_path(paths.backup, epoch), "wb") as f:
             f.write(b"not hdf5")
     with pytest.raises(ConfigError, match=r"no backup in .* can be loaded: .*--no-resume"):
-        rundir.restore(tiny_model(), paths, epochs=5, steps_per_epoch=STEPS)
+        paths.restore(tiny_model(), 5, STEPS)
 
 
 def test_a_backup_whose_step_count_disagrees_with_its_epoch_is_not_trusted(paths):
     fit_with_backups(tiny_model(), paths, epochs=1)
-    os.rename(rundir.backup_path(paths.backup, 1), rundir.backup_path(paths.backup, 3))
+    os.rename(
+        run_directory.backup_path(paths.backup, 1), run_directory.backup_path(paths.backup, 3)
+    )
     with pytest.raises(ConfigError, match=r"holds 2 optimizer steps, not the 3 x 2"):
-        rundir.restore(tiny_model(), paths, epochs=5, steps_per_epoch=STEPS)
+        paths.restore(tiny_model(), 5, STEPS)
 
 
 def test_a_backup_beyond_the_epochs_is_refused(paths):
     fit_with_backups(tiny_model(), paths, epochs=2)
     with pytest.raises(ConfigError, match=r"after 2 epochs, outside 0..1 .*--epochs 2"):
-        rundir.restore(tiny_model(), paths, epochs=1, steps_per_epoch=STEPS)
+        paths.restore(tiny_model(), 1, STEPS)
 
 
 def test_keras_backup_of_earlier_versions_is_read(paths):
     fit_with_backups(tiny_model(), paths, epochs=1)
-    os.rename(rundir.backup_path(paths.backup, 1), os.path.join(paths.backup, "latest.weights.h5"))
+    os.rename(
+        run_directory.backup_path(paths.backup, 1), os.path.join(paths.backup, "latest.weights.h5")
+    )
     with open(os.path.join(paths.backup, "training_metadata.json"), "w") as f:
         json.dump({"epoch": 1, "batch": 0}, f)
-    assert rundir.restore(tiny_model(seed=1), paths, epochs=3, steps_per_epoch=STEPS) == 1
+    assert paths.restore(tiny_model(seed=1), 3, STEPS) == 1
     for damaged in ("{broken", "{}", '{"epoch": "x"}'):
         with open(os.path.join(paths.backup, "training_metadata.json"), "w") as f:
             f.write(damaged)
-        assert rundir.backups(paths.backup) == []  # ignored, never a traceback
+        assert run_directory.backups(paths.backup) == []  # ignored, never a traceback
 
 
 def test_lock_refuses_a_second_holder_and_frees_on_kill(paths):
     with (
-        rundir.lock(paths),
+        opened(paths),
         pytest.raises(ConfigError, match=r"is in use by train.py \(pid"),
-        rundir.lock(paths),
+        opened(paths),
     ):
         pass
     holder = subprocess.Popen(
@@ -124,9 +134,9 @@ def test_lock_refuses_a_second_holder_and_frees_on_kill(paths):
             sys.executable,
             "-c",
             textwrap.dedent(f"""
-        from nam_keras.training import run_directory as rundir
+        from nam_keras.training.run_directory import RunDirectory
         import time
-        with rundir.lock(rundir.RunPaths({paths.run_dir!r}, "m.keras")):
+        with RunDirectory.open({paths.run_dir!r}, "m.keras", {{}}, []):
             print("locked", flush=True)
             time.sleep(60)
         """),
@@ -135,23 +145,24 @@ def test_lock_refuses_a_second_holder_and_frees_on_kill(paths):
         text=True,
     )
     assert holder.stdout.readline().strip() == "locked"
-    with pytest.raises(ConfigError, match="is in use"), rundir.lock(paths):
+    with pytest.raises(ConfigError, match="is in use"), opened(paths):
         pass
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    with rundir.lock(paths):  # a killed holder leaves nothing stuck
+    with opened(paths):  # a killed holder leaves nothing stuck
         pass
 
 
 def test_start_afresh_keeps_the_old_log_and_foreign_files(paths):
     fit_with_backups(tiny_model(), paths, epochs=1)
     with open(paths.config_json, "w") as f:
-        json.dump({rundir.OWNER_KEY: rundir.OWNER}, f)
+        json.dump({run_directory.OWNER_KEY: run_directory.OWNER}, f)
     with open(paths.log_csv, "w") as f:
         f.write("epoch,loss\n0,1.0\n")
     with open(os.path.join(paths.backup, "notes.txt"), "w") as f:
         f.write("mine")
-    rundir.start_afresh(paths)
+    with opened(paths, resume=False):
+        pass
     assert os.listdir(paths.backup) == ["notes.txt"]  # only our backups are gone
     kept = [n for n in os.listdir(paths.run_dir) if n.startswith("log-previous-")]
     assert len(kept) == 1 and not os.path.exists(paths.log_csv)
@@ -159,20 +170,23 @@ def test_start_afresh_keeps_the_old_log_and_foreign_files(paths):
 
 def test_start_afresh_refuses_a_backup_it_did_not_write(paths):
     fit_with_backups(tiny_model(), paths, epochs=1)  # no config.json of ours
-    with pytest.raises(ConfigError, match=r"may not have been written by train\.py"):
-        rundir.start_afresh(paths)
-    assert rundir.backups(paths.backup)
+    with (
+        pytest.raises(ConfigError, match=r"may not have been written by train\.py"),
+        opened(paths, resume=False),
+    ):
+        pass
+    assert run_directory.backups(paths.backup)
 
 
 def test_truncate_log_keeps_the_epochs_the_backup_holds_and_sets_garbage_aside(paths):
     with open(paths.log_csv, "w") as f:
         f.write("epoch,loss\n0,1.0\n1,0.9\n2,0.8\n")
-    rundir.truncate_log(paths, 2)
+    paths.truncate_log(2)
     with open(paths.log_csv) as f:
         assert f.read() == "epoch,loss\n0,1.0\n1,0.9\n"
     with open(paths.log_csv, "wb") as f:
         f.write(b"\xff\xfe garbage \x00\n")
-    rundir.truncate_log(paths, 2)
+    paths.truncate_log(2)
     assert not os.path.exists(paths.log_csv)
     assert [n for n in os.listdir(paths.run_dir) if n.startswith("log-damaged-")]
 
@@ -182,36 +196,36 @@ def test_damaged_settings_are_a_clear_error(paths, content):
     with open(paths.config_json, "w") as f:
         f.write(content)
     with pytest.raises(ConfigError, match=r"config.json \(the run's settings\) .*--no-resume"):
-        rundir.check_resumable(paths, {"depth": 18}, ["depth"])
+        paths.check_resumable({"depth": 18}, ["depth"])
 
 
 def test_check_resumable_names_what_changed(paths):
     with open(paths.config_json, "w") as f:
         json.dump({"depth": 18, "lr": 0.1}, f)
-    rundir.check_resumable(paths, {"depth": 18, "lr": 0.1}, ["depth", "lr"])
+    paths.check_resumable({"depth": 18, "lr": 0.1}, ["depth", "lr"])
     with pytest.raises(ConfigError, match=r"'lr': \(0.1, 0.5\)"):
-        rundir.check_resumable(paths, {"depth": 18, "lr": 0.5}, ["depth", "lr"])
+        paths.check_resumable({"depth": 18, "lr": 0.5}, ["depth", "lr"])
 
 
 def test_a_backup_that_is_a_file_is_refused(paths):
     with open(paths.backup, "w") as f:
         f.write("")
-    with pytest.raises(ConfigError, match=r"backup should be a folder"):
-        rundir.prepare(paths, resume=True)
+    with pytest.raises(ConfigError, match=r"backup should be a folder"), opened(paths):
+        pass
 
 
 def test_not_enough_disk_space_is_found_at_start(paths, monkeypatch):
     model = tiny_model()
-    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda folder: Usage(free=1000))
+    monkeypatch.setattr(run_directory.shutil, "disk_usage", lambda folder: Usage(free=1000))
     with pytest.raises(ConfigError, match=r"only 0 MB free in .* need about \d+ MB"):
-        rundir.check_free_space(paths, model)
+        paths.check_free_space(model)
 
 
 def test_completed_needs_the_summary_and_the_model(paths):
-    assert rundir.completed(paths) is None
+    assert paths.completed() is None
     with open(paths.summary_json, "w") as f:
         json.dump({"complete": True, "output": paths.output}, f)
-    assert rundir.completed(paths) is None  # the model is gone: not complete
+    assert paths.completed() is None  # the model is gone: not complete
     with open(paths.output, "w") as f:
         f.write("")
-    assert rundir.completed(paths)["complete"] is True
+    assert paths.completed()["complete"] is True

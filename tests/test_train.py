@@ -12,6 +12,7 @@ import pytest
 import nam_keras
 import train
 from nam_keras.training import run_directory as rundir
+from nam_keras.training.run_directory import RunDirectory
 
 # step 0 runs at LR 0 (warmup), step 1 at 1e30: the weights blow up and the
 # loss of step 2 (epoch 3) is NaN, after two good epochs are backed up.
@@ -291,9 +292,8 @@ def test_a_damaged_run_directory_is_a_clear_error(tmp_path, tiny_args, capsys, d
 
 
 def test_a_second_run_on_the_same_directory_is_refused(tmp_path, tiny_args, capsys):
-    paths = rundir.RunPaths(str(tmp_path / "run"), str(tmp_path / "run.keras"))
-    rundir.make(paths)
-    with rundir.lock(paths):
+    run = RunDirectory.open(str(tmp_path / "run"), str(tmp_path / "run.keras"), {}, [])
+    with run:
         assert train.main(tiny_args(*TWO_EPOCHS)) == 2
     assert "is in use by train.py (pid" in capsys.readouterr().err
 

@@ -8,6 +8,7 @@ and `build_resnet` assembles stem, stages and head into a functional model.
 import dataclasses
 
 import keras
+import numpy as np
 
 from nam_keras import (
     cifar100,
@@ -35,14 +36,14 @@ class BlockSettings:
     """What every layer of one network shares.
 
     Attributes:
-        dtype: dtype policy of every layer (`None`: the global policy).
+        dtype: the name of the dtype policy of every layer.
         sync_bn: cross-replica statistics in every BatchNormalization.
         attention: `None` or a function `(channels, name) -> layer` applied
             to the residual branch of every block.
         attention_tag: the suffix of the attention layers' names (`"nam"`).
     """
 
-    dtype: object = None
+    dtype: str = "float32"
     sync_bn: bool = False
     attention: object = None
     attention_tag: str = "attn"
@@ -103,8 +104,8 @@ def stream_dtype(x, settings):
     (NAM's `float32_gate` output): then float32, so that the addition, the
     ReLU and the pooling do not round NAM's small modulation away.
     """
-    policy = keras.DTypePolicy(settings.dtype) if settings.dtype else keras.config.dtype_policy()
-    wider = keras.backend.standardize_dtype(x.dtype) == "float32" != policy.compute_dtype
+    compute_dtype = keras.DTypePolicy(settings.dtype).compute_dtype
+    wider = keras.backend.standardize_dtype(x.dtype) == "float32" != compute_dtype
     return "float32" if wider else settings.dtype
 
 
@@ -283,8 +284,9 @@ def build_resnet(
             (the attention modules' included) across the replicas of a
             `tf.distribute` strategy, so that several devices train like one
             device on the global batch.
-        dtype: dtype policy for every layer (e.g. `"mixed_bfloat16"`);
-            `None` uses the global policy. The logits are always float32.
+        dtype: dtype policy for every layer (e.g. `"mixed_bfloat16"`), given
+            to each layer explicitly; `None` takes the global policy once, here
+            (as a Keras layer does). The logits are always float32.
         name: model name; defaults to e.g. `"resnet50_nam"`.
 
     Returns:
@@ -304,6 +306,8 @@ def build_resnet(
     """
     input_shape = tuple(input_shape)
     _validate(depth, num_classes, input_shape, stem, normalize_inputs, width)
+    dtype = keras.dtype_policies.get(dtype if dtype is not None else keras.config.dtype_policy())
+    dtype = dtype.name
     factory, tag, placement = attention_settings(attention, attention_kwargs, dtype, sync_bn)
     in_blocks = factory if placement == "block" else None
     settings = BlockSettings(dtype=dtype, sync_bn=sync_bn, attention=in_blocks, attention_tag=tag)
@@ -340,6 +344,52 @@ def nam_layers(model):
         A list of `NAMAttention` layers (empty for a model without NAM).
     """
     return [layer for layer in model.layers if isinstance(layer, NAMAttention)]
+
+
+def nam_weight_figures(model_or_layers, near_zero=0.1):
+    """The NAM weights `w = |gamma| / sum |gamma|` relative to the uniform
+    weight `1 / C` (`w * C`: 1.0 = uniform), and how many are near zero:
+    below `near_zero` times the uniform weight. The evaluation's NAM report
+    and the training logs' `nam_near_zero` / `nam_max_weight` are these.
+
+    Args:
+        model_or_layers: a `keras.Model`, or a list of `NAMAttention` layers.
+        near_zero: the threshold, a fraction of the uniform weight.
+
+    Returns:
+        `None` without NAM layers; else a dict with
+        - `"layers"`: per NAM layer in network order, `{"layer": name, kind:
+          {"weights": w, "relative": w * C, "near_zero": count}}` for each kind
+          (`"channel"`, `"spatial"`) the layer has; float64 NumPy arrays;
+        - `"channels"`, `"near_zero_channels"`, `"near_zero_fraction"` and
+          `"max_relative"`: over the channel weights of every layer (0 and
+          `None` when no layer has channel weights).
+    """
+    if isinstance(model_or_layers, keras.Model):
+        model_or_layers = nam_layers(model_or_layers)
+    entries = [_nam_layer_figures(layer, near_zero) for layer in model_or_layers]
+    if not entries:
+        return None
+    channel = [entry["channel"] for entry in entries if "channel" in entry]
+    count = sum(c["weights"].size for c in channel)
+    below = sum(c["near_zero"] for c in channel)
+    return {
+        "layers": entries,
+        "channels": count,
+        "near_zero_channels": below,
+        "near_zero_fraction": below / max(count, 1),
+        "max_relative": max((float(c["relative"].max()) for c in channel), default=None),
+    }
+
+
+def _nam_layer_figures(layer, near_zero):
+    entry = {"layer": layer.name}
+    for kind, weights in layer.attention_weights().items():
+        weights = np.asarray(weights, np.float64)
+        relative = weights * weights.size
+        below = int((relative < near_zero).sum())
+        entry[kind] = {"weights": weights, "relative": relative, "near_zero": below}
+    return entry
 
 
 def forward_multiply_adds(model):

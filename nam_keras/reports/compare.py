@@ -27,7 +27,7 @@ import sys
 
 from nam_keras import cli, io
 from nam_keras.errors import ConfigError
-from nam_keras.training import run_directory as rundir
+from nam_keras.training.run_directory import RunDirectory, read_json
 
 PROG = "python -m nam_keras.reports.compare"
 COLUMNS = (
@@ -70,13 +70,13 @@ def read_log(path):
 
 def read_run(run_dir):
     """One run directory: its settings, its per-epoch log and its summary."""
-    paths = rundir.RunPaths(run_dir=run_dir, output="")
+    paths = RunDirectory(run_dir, output="")  # its file names only; nothing is opened
     if not os.path.isdir(run_dir):
         raise ConfigError(f"{run_dir} is not a folder; expected a run directory of train.py")
-    config = rundir.read_json(paths.config_json, "the run's settings")
+    config = read_json(paths.config_json, "the run's settings")
     if config is None:
         raise ConfigError(f"{run_dir} has no config.json: not a run directory of train.py")
-    summary = rundir.read_json(paths.summary_json, "the run's summary") or {}
+    summary = read_json(paths.summary_json, "the run's summary") or {}
     return {"dir": run_dir, "config": config, "log": read_log(paths.log_csv), "summary": summary}
 
 

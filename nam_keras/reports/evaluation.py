@@ -1,5 +1,21 @@
-"""Evaluation behind `evaluate.py`: loading a model, accuracy report, NAM analysis and plot."""
+"""Evaluation of a trained model, as `evaluate.py` runs it, in short steps that take
+an `EvalConfig`: loading, the accuracy report, the NAM report and its plot, the
+exports and the JSON report.
 
+    from nam_keras.config import EvalConfig
+    from nam_keras.reports.evaluation import evaluate
+    result = evaluate(EvalConfig(model="nam.keras", json="report.json"))
+    result.report["test"]["top1"]
+
+`evaluate` checks the backend and every output path before the long
+evaluation; the steps raise `ConfigError`, `DataError` or `ModelError`. The
+console summary goes to the `"nam_keras"` logger, which only the command lines
+print. TensorFlow (the data pipeline, the exports) is imported only when used.
+"""
+
+import dataclasses
+import json
+import logging
 import os
 import zipfile
 
@@ -13,9 +29,106 @@ from nam_keras.cifar100 import (
     IMAGE_SHAPE,
     NUM_CLASSES,
 )
-from nam_keras.errors import ModelError
-from nam_keras.io import atomic_path
-from nam_keras.models.resnet import nam_layers
+from nam_keras.errors import ConfigError, ModelError
+from nam_keras.io import atomic_path, atomic_write_text, check_writable, make_folder
+from nam_keras.models.resnet import nam_weight_figures
+
+logger = logging.getLogger("nam_keras")
+
+#: the plot's file name in `--plots DIR`
+PLOT_NAME = "nam_weights.png"
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """What `evaluate` returns: the loaded model, the report (what `--json`
+    writes) and the paths written, keyed `"plot"`, `"export"`,
+    `"export_tflite"` and `"json"` (those the config asked for)."""
+
+    model: keras.Model
+    report: dict
+    paths: dict
+
+
+# ------------------------------------------------------------------ the workflow
+
+
+def evaluate(config):
+    """Evaluates, reports and exports as an `EvalConfig` asks; returns an `EvalResult`."""
+    check_outputs(config)
+    model = load_model(config.model)
+    report = {"model": os.path.abspath(config.model), "name": model.name}
+    if not config.skip_eval:
+        report["test"] = evaluate_test_set(model, config)
+        _log_lines(accuracy_lines(model.name, report["test"]))
+    report["nam"] = nam_report(model, config.near_zero)
+    _log_lines(nam_lines(report["nam"], config.near_zero))
+    paths = write_outputs(model, report, config)
+    return EvalResult(model=model, report=report, paths=paths)
+
+
+def check_outputs(config):
+    """The model named, the backend and every output path usable: checked
+    first, so that a bad one does not cost the whole evaluation."""
+    if config.model is None:
+        raise ConfigError("name the model to evaluate: EvalConfig(model=PATH.keras).")
+    if config.export or config.export_tflite:
+        from nam_keras.serving import export
+
+        export.check_backend()
+    if config.export_tflite:
+        check_writable(config.export_tflite, "a .tflite file path")
+    if config.json:
+        check_writable(config.json, "a .json file path")
+    if config.plots:
+        make_folder(config.plots)
+        check_writable(os.path.join(config.plots, PLOT_NAME), "a folder for plots")
+
+
+def write_outputs(model, report, config):
+    """The plot, the exports (their paths go into `report`) and the JSON
+    report, as `config` asks; returns the paths written."""
+    paths = {}
+    if config.plots and report["nam"] is not None:
+        paths["plot"] = plot_nam_report(report["nam"], os.path.join(config.plots, PLOT_NAME))
+        logger.info(f"NAM plot -> {paths['plot']}")
+    if config.export or config.export_tflite:
+        paths.update(export_model(model, report, config))
+    if config.json:
+        atomic_write_text(config.json, json.dumps(report, indent=2) + "\n")
+        paths["json"] = config.json
+        logger.info(f"report -> {config.json}")
+    return paths
+
+
+def export_model(model, report, config):
+    """The SavedModel and/or LiteRT model `config` asks for; their paths are
+    added to `report` and returned."""
+    from nam_keras.serving import export
+
+    if config.export:
+        report["export"] = export.export_saved_model(model, config.export)
+        logger.info(
+            f"SavedModel for TF Serving -> {report['export']} (signature serving_default: "
+            "images uint8 (N, 32, 32, 3) -> probabilities, top5_classes)"
+        )
+    if config.export_tflite:
+        report["export_tflite"] = export.export_tflite(
+            model, config.export_tflite, config.tflite_quantize
+        )
+        logger.info(
+            f"LiteRT model -> {report['export_tflite']} (weights {config.tflite_quantize}; "
+            "images uint8 (N, 32, 32, 3) -> probabilities)"
+        )
+    return {key: report[key] for key in ("export", "export_tflite") if key in report}
+
+
+def _log_lines(lines):
+    for line in lines:
+        logger.info(line)
+
+
+# ------------------------------------------------------------------ the steps
 
 
 def load_model(path):
@@ -50,9 +163,7 @@ def accuracy_report(logits, labels, worst=10):
     """Loss (cross-entropy), top-1, top-5, per-class accuracy and the worst classes."""
     logits = np.asarray(logits, np.float64)
     labels = np.asarray(labels, np.int64)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    loss = float(-log_probs[np.arange(len(labels)), labels].mean())
+    loss = float(-log_softmax(logits)[np.arange(len(labels)), labels].mean())
     top5 = np.argsort(-logits, axis=1, kind="stable")[:, :5]
     hit1 = top5[:, 0] == labels
     hit5 = (top5 == labels[:, None]).any(axis=1)
@@ -99,46 +210,44 @@ def superclass_report(predicted, labels):
 
 def nam_report(model, near_zero=0.1):
     """Per NAM layer: the channel weights `|gamma| / sum |gamma|` and how many
-    are below `near_zero` times the uniform weight `1 / C`.
+    are below `near_zero` times the uniform weight `1 / C`
+    (`models.resnet.nam_weight_figures`, as a JSON-ready dict).
 
     Returns `None` for a model without NAM layers.
     """
-    layers = nam_layers(model)
-    if not layers:
+    figures = nam_weight_figures(model, near_zero)
+    if figures is None:
         return None
-    blocks = []
-    below_total = count_total = 0
-    for layer in layers:
-        entry = {"layer": layer.name}
-        for kind, w in layer.attention_weights().items():
-            w = np.asarray(w, np.float64)
-            relative = w * w.size  # 1.0 = uniform
-            below = int((relative < near_zero).sum())
-            entry[kind] = {
-                "size": int(w.size),
-                "weights": w.tolist(),
-                "min": float(w.min()),
-                "max": float(w.max()),
-                "relative_to_uniform": {
-                    "min": float(relative.min()),
-                    "median": float(np.median(relative)),
-                    "max": float(relative.max()),
-                },
-                "near_zero": below,
-                "near_zero_fraction": below / w.size,
-            }
-            if kind == "channel":
-                below_total += below
-                count_total += w.size
-        blocks.append(entry)
     return {
         "near_zero_threshold": near_zero,
         "threshold_meaning": "weight < threshold * (1 / C), C = channels of the layer",
-        "layers": blocks,
-        "channels": count_total,
-        "near_zero_channels": below_total,
-        "near_zero_fraction": below_total / max(count_total, 1),
+        "layers": [_nam_layer_report(entry) for entry in figures["layers"]],
+        "channels": figures["channels"],
+        "near_zero_channels": figures["near_zero_channels"],
+        "near_zero_fraction": figures["near_zero_fraction"],
     }
+
+
+def _nam_layer_report(entry):
+    out = {"layer": entry["layer"]}
+    for kind in ("channel", "spatial"):
+        if kind not in entry:
+            continue
+        w, relative, below = (entry[kind][key] for key in ("weights", "relative", "near_zero"))
+        out[kind] = {
+            "size": int(w.size),
+            "weights": w.tolist(),
+            "min": float(w.min()),
+            "max": float(w.max()),
+            "relative_to_uniform": {
+                "min": float(relative.min()),
+                "median": float(np.median(relative)),
+                "max": float(relative.max()),
+            },
+            "near_zero": below,
+            "near_zero_fraction": below / w.size,
+        }
+    return out
 
 
 def plot_nam_report(report, path):
@@ -192,7 +301,7 @@ def evaluate_test_set(model, config):
     """`accuracy_report` of `model` on the test split named by an `EvalConfig`.
 
     With `config.tta == "flip"` each image's class probabilities are the mean
-    of the image's and its mirror's; the report's "logits" are then their logarithm.
+    of the image's and its mirror's (`flip_average`).
     """
     import tensorflow as tf
 
@@ -202,18 +311,30 @@ def evaluate_test_set(model, config):
     ds = pipeline.eval_pipeline(
         tf.data.Dataset.from_tensor_slices((images, labels)), config.batch_size
     )
-    logits = np.asarray(model.predict(ds, verbose=1), np.float64)
+    logits = model.predict(ds, verbose=1)
     if config.tta == "flip":
         mirrored = ds.map(lambda x, y: (tf.reverse(x, axis=[2]), y))
-        flipped = np.asarray(model.predict(mirrored, verbose=1), np.float64)
-        logits = np.log((softmax(logits) + softmax(flipped)) / 2.0)
+        logits = flip_average(logits, model.predict(mirrored, verbose=1))
     return accuracy_report(logits, labels)
 
 
+def flip_average(logits, mirrored_logits):
+    """Flip test-time augmentation: the logarithm of the mean of the class
+    probabilities of the images and of their mirrors (logits of the mean)."""
+    both = np.logaddexp(log_softmax(logits), log_softmax(mirrored_logits))
+    return both - np.log(2.0)
+
+
+def log_softmax(logits):
+    """Row-wise log-softmax of a NumPy array, in float64, computed stably."""
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
 def softmax(logits):
-    """Row-wise softmax of a NumPy array, computed stably."""
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
+    """Row-wise softmax of a NumPy array, in float64, computed stably."""
+    return np.exp(log_softmax(logits))
 
 
 def accuracy_lines(name, test):

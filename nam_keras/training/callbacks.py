@@ -3,7 +3,6 @@ the stop on a NaN loss, crash-safe epoch backups and a clean stop on SIGTERM /
 Ctrl-C. The learning-rate schedules' callbacks are in `training.schedules`."""
 
 import logging
-import os
 import signal
 import threading
 import time
@@ -11,10 +10,8 @@ import time
 import keras
 import numpy as np
 
-from nam_keras import io
 from nam_keras.errors import NonFiniteLossError, TrainingInterruptedError
-from nam_keras.models.resnet import nam_layers
-from nam_keras.training import run_directory as rundir
+from nam_keras.models.resnet import nam_weight_figures
 
 
 class NAMSparsity(keras.callbacks.Callback):
@@ -39,19 +36,14 @@ class NAMSparsity(keras.callbacks.Callback):
         self.near_zero = float(near_zero)
 
     def figures(self):
-        """`{"nam_near_zero": ..., "nam_max_weight": ...}`, or `{}` without NAM."""
-        relative = [
-            np.asarray(w, np.float64) * w.size
-            for layer in nam_layers(self.model)
-            for w in [layer.attention_weights().get("channel")]
-            if w is not None
-        ]
-        if not relative:
+        """`{"nam_near_zero": ..., "nam_max_weight": ...}`, or `{}` without NAM
+        channel weights (`models.resnet.nam_weight_figures`)."""
+        figures = nam_weight_figures(self.model, self.near_zero)
+        if figures is None or not figures["channels"]:
             return {}
-        every = np.concatenate(relative)
         return {
-            "nam_near_zero": float((every < self.near_zero).mean()),
-            "nam_max_weight": float(every.max()),
+            "nam_near_zero": figures["near_zero_fraction"],
+            "nam_max_weight": figures["max_relative"],
         }
 
     def on_epoch_end(self, epoch, logs=None):
@@ -154,37 +146,6 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
-
-
-class EpochBackup(keras.callbacks.Callback):
-    """Writes the model's weights and optimizer state after every epoch, whole or not at all.
-
-    Each backup goes to a temporary file renamed to
-    `backup_dir/epoch-NNNNN.weights.h5` (NNNNN = completed epochs), so a kill at
-    any moment leaves the previous backups intact and weights and epoch can
-    never disagree. The newest `keep` backups are kept. `nam_keras.training.run_directory.restore`
-    reads them back.
-
-    Args:
-        backup_dir: the folder of the backups (created when missing).
-        keep: how many backups to keep. Defaults to 2 (the newest may be lost
-            to a full disk; the one before survives).
-    """
-
-    def __init__(self, backup_dir, keep=2):
-        super().__init__()
-        if keep < 1:
-            raise ValueError(f"keep must be >= 1; received {keep}.")
-        self.backup_dir = os.fspath(backup_dir)
-        self.keep = int(keep)
-
-    def on_epoch_end(self, epoch, logs=None):
-        os.makedirs(self.backup_dir, exist_ok=True)
-        with io.atomic_path(
-            rundir.backup_path(self.backup_dir, epoch + 1), suffix=".weights.h5"
-        ) as tmp:
-            self.model.save_weights(tmp)
-        rundir.remove_backups(self.backup_dir, keep=self.keep)
 
 
 class StopOnSignal(keras.callbacks.Callback):

@@ -10,9 +10,7 @@ steps raise `ConfigError`, `DataError` or `NonFiniteLossError`; progress goes to
 the `"nam_keras"` logger, which only the command lines print.
 """
 
-import csv
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -26,8 +24,8 @@ from nam_keras.data import pipeline, sources
 from nam_keras.errors import ConfigError
 from nam_keras.models.resnet import build_resnet, forward_multiply_adds
 from nam_keras.training import callbacks, distribute, schedules
-from nam_keras.training import run_directory as rundir
 from nam_keras.training.optimizers import TorchSGD
+from nam_keras.training.run_directory import RunDirectory
 
 logger = logging.getLogger("nam_keras")
 
@@ -58,7 +56,8 @@ class TrainResult:
 
 def set_up_devices(config):
     """Seeds, strategy, precision policy and XLA for this process, for the
-    Keras backend in use (`tf.distribute` only on TensorFlow)."""
+    Keras backend in use (`tf.distribute` only on TensorFlow). The precision
+    is given to the network explicitly; no global policy is set."""
     backend = distribute.backend()
     distribute.check_backend_supports(
         config.cpu_replicas, config.sync_bn, os.environ.get("TF_CONFIG")
@@ -72,12 +71,10 @@ def set_up_devices(config):
             f"--batch-size {config.batch_size} (the global batch) is not divisible by the "
             f"{replicas} replicas of {distribute.strategy_name(strategy)}."
         )
-    precision = distribute.resolve_precision(config.precision, gpus, backend)
-    keras.mixed_precision.set_global_policy(precision)
     return Devices(
         strategy=strategy,
         gpus=gpus,
-        precision=precision,
+        precision=distribute.resolve_precision(config.precision, gpus, backend),
         jit_compile=distribute.resolve_jit(config.jit_compile, gpus, backend),
         replicas=replicas,
         sync_bn=replicas > 1 if config.sync_bn is None else config.sync_bn,
@@ -111,7 +108,7 @@ def load_datasets(config):
     return train_ds, val_ds, len(arrays["train"][1])
 
 
-def resolved_config(config, devices, paths, n_train):
+def resolved_config(config, devices, n_train):
     """What `config.json` records: every setting plus what was resolved."""
     import tensorflow as tf
 
@@ -121,8 +118,8 @@ def resolved_config(config, devices, paths, n_train):
         "precision": devices.precision,
         "jit_compile": devices.jit_compile,
         "num_classes": cifar100.NUM_CLASSES,
-        "run_dir": paths.run_dir,
-        "output": paths.output,
+        "run_dir": config.resolved_run_dir,
+        "output": config.resolved_output,
         "strategy": distribute.strategy_name(devices.strategy),
         "replicas": devices.replicas,
         "sync_bn": devices.sync_bn,
@@ -148,6 +145,7 @@ def build_and_compile(config, devices):
             width=config.width,
             sync_bn=devices.sync_bn,
             attention_kwargs=config.attention_kwargs or None,
+            dtype=devices.precision,
         )
         optimizer = TorchSGD(
             learning_rate=0.0,
@@ -156,6 +154,8 @@ def build_and_compile(config, devices):
             use_ema=config.ema > 0,
             ema_momentum=config.ema or 0.99,
         )
+        if devices.precision == "mixed_float16":  # float16 gradients need loss scaling
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         if config.one_hot:
             loss = keras.losses.CategoricalCrossentropy(
                 from_logits=True, label_smoothing=config.label_smoothing
@@ -197,10 +197,11 @@ def _quick_run_hint(config, devices):
     return "on a CPU, try --depth 18 --width 16 for a quick run"
 
 
-def make_callbacks(config, devices, paths, steps_per_epoch, resuming):
+def make_callbacks(config, devices, run, steps_per_epoch):
     """Schedule, speed and NAM figures (logged), validation on the EMA
-    weights, NaN stop, clean stop on signals, logs, and the per-epoch backup
-    (which holds the raw weights and, in the optimizer, their EMA)."""
+    weights, NaN stop, clean stop on signals, the run directory's restore and
+    per-epoch backup (which holds the raw weights and, in the optimizer, their
+    EMA), then the logs (after the backup, which trims `log.csv` on a resume)."""
     ema = [keras.callbacks.SwapEMAWeights(swap_on_epoch=False)] if config.ema else []
     return [
         *ema,
@@ -210,53 +211,21 @@ def make_callbacks(config, devices, paths, steps_per_epoch, resuming):
         callbacks.NAMSparsity(),
         callbacks.StopOnNonFiniteLoss(),
         callbacks.StopOnSignal(),
-        keras.callbacks.CSVLogger(paths.log_csv, append=resuming),
-        keras.callbacks.TensorBoard(paths.tensorboard),
-        callbacks.EpochBackup(paths.backup),
+        run.callback(steps_per_epoch, config.epochs, scope=devices.strategy.scope),
+        keras.callbacks.CSVLogger(run.log_csv, append=True),
+        keras.callbacks.TensorBoard(run.tensorboard),
     ]
 
 
-def final_logs(history, paths):
-    """The last epoch's logs: from `fit`, or from `log.csv` when `fit` had no
-    epoch left to run (a run resumed after its last epoch)."""
-    if history.history:
-        return {k: float(v[-1]) for k, v in history.history.items()}
-    try:
-        with open(paths.log_csv, newline="") as f:
-            rows = list(csv.DictReader(f))
-        return {k: float(v) for k, v in rows[-1].items() if k != "epoch" and v}
-    except (OSError, IndexError, ValueError):
-        return {}
-
-
-def save_outputs(model, history, config, paths, started):
-    """Writes the model (atomically), then the summary, then drops the backups.
-
-    A failure to write the model keeps the backups, so re-running the same
-    command writes it without training again.
-    """
-    try:
-        io.save_model_atomic(model, paths.output)
-    except OSError as err:
-        raise ConfigError(
-            f"could not write the model to {paths.output} ({err.strerror or err}). The trained "
-            f"weights are kept in {paths.backup}: fix the cause and re-run the same command; it "
-            "writes the model without training again."
-        ) from None
-    logs = final_logs(history, paths)
-    summary = {
-        "complete": True,
-        "output": paths.output,
+def run_summary(model, config, started):
+    """The figures of a finished run for `summary.json` (the last epoch's logs are added)."""
+    return {
         "epochs": config.epochs,
         "optimizer_steps": int(ops.convert_to_numpy(model.optimizer.iterations)),
         "parameters": model.count_params(),
         "multiply_adds": forward_multiply_adds(model),
         "seconds": round(time.time() - started, 1),
-        **logs,
     }
-    io.atomic_write_text(paths.summary_json, json.dumps(summary, indent=2) + "\n")
-    rundir.remove_backups(paths.backup)  # only once the model and the summary are safe
-    return logs, summary
 
 
 def _log_devices(devices):
@@ -268,7 +237,7 @@ def _log_devices(devices):
     )
 
 
-def _log_start(config, devices, resolved, resumed_epoch, backup):
+def _log_start(config, resolved):
     total = resolved["total_steps"]
     logger.info(
         f"global batch {config.batch_size} ({resolved['per_replica_batch']} per replica); "
@@ -281,10 +250,6 @@ def _log_start(config, devices, resolved, resumed_epoch, backup):
         logger.info(
             f"warning: --warmup-steps {config.warmup_steps} >= {total} total steps: "
             "the learning rate never reaches its peak"
-        )
-    if resumed_epoch is not None:
-        logger.info(
-            f"resuming from the backup in {backup}: {resumed_epoch} of {config.epochs} epochs done"
         )
 
 
@@ -304,68 +269,24 @@ def _log_done(model, config, logs, summary):
 # ------------------------------------------------------------------ the run
 
 
-def already_complete(config, paths, resolved):
-    """The summary of this very run when it has finished before, else `None`."""
-    summary = rundir.completed(paths)
-    if summary is None or summary["output"] != paths.output:
-        return None
-    rundir.check_resumable(paths, resolved, config.resume_keys(), settings.RESUME_DEFAULTS)
-    return summary
-
-
-def write_config(config, paths, resolved, resume):
-    """Checks a backup against the saved settings, then records this run's."""
-    if resume and rundir.backups(paths.backup):
-        rundir.check_resumable(paths, resolved, config.resume_keys(), settings.RESUME_DEFAULTS)
-    text = json.dumps({rundir.OWNER_KEY: rundir.OWNER, **resolved}, indent=2, default=str)
-    io.atomic_write_text(paths.config_json, text + "\n")
-
-
-def restore_backup(model, config, devices, paths, steps_per_epoch):
-    """Loads the newest whole backup when resuming; returns its epoch or `None`."""
-    if not config.resume:
-        return None
-    with devices.strategy.scope():
-        epoch = rundir.restore(model, paths, config.epochs, steps_per_epoch)
-    if epoch is not None:
-        rundir.truncate_log(paths, epoch)
-    return epoch
-
-
-def _fit(config, devices, paths):
-    """Everything from the data to the saved model, inside the run's lock."""
+def _fit(config, devices, run, datasets, resolved):
+    """Builds, fits and saves the model in an open run directory."""
     started = time.time()
-    rundir.prepare(paths, config.resume)
-    train_ds, val_ds, n_train = load_datasets(config)
-    resolved = resolved_config(config, devices, paths, n_train)
-    done = already_complete(config, paths, resolved) if config.resume else None
-    if done is not None:
-        logger.info(
-            f"this run is complete ({done['epochs']} epochs, model -> {done['output']});"
-            " nothing to do. Pass --no-resume to train it again."
-        )
-        rundir.remove_backups(paths.backup)  # leftovers of a run stopped while cleaning up
-        return TrainResult(model=keras.models.load_model(done["output"]), logs={}, summary=done)
-    write_config(config, paths, resolved, config.resume)
+    train_ds, val_ds = datasets
     model = build_and_compile(config, devices)
-    rundir.check_free_space(paths, model)
-    resumed_epoch = restore_backup(model, config, devices, paths, resolved["steps_per_epoch"])
-    _log_start(config, devices, resolved, resumed_epoch, paths.backup)
+    _log_start(config, resolved)
     history = model.fit(
         train_ds,
         epochs=config.epochs,
-        initial_epoch=resumed_epoch or 0,
         steps_per_epoch=resolved["steps_per_epoch"],
         validation_data=val_ds,
         validation_steps=config.val_steps,
         validation_freq=config.val_freq or 1,
         verbose=config.verbose,
         shuffle=False,  # the pipeline shuffles, seeded, every epoch
-        callbacks=make_callbacks(
-            config, devices, paths, resolved["steps_per_epoch"], resumed_epoch is not None
-        ),
+        callbacks=make_callbacks(config, devices, run, resolved["steps_per_epoch"]),
     )
-    logs, summary = save_outputs(model, history, config, paths, started)
+    logs, summary = run.finish(model, history, run_summary(model, config, started))
     _log_done(model, config, logs, summary)
     return TrainResult(model=model, logs=logs, summary=summary)
 
@@ -389,13 +310,22 @@ def train(config):
     """
     devices = set_up_devices(config)
     _log_devices(devices)
-    paths = rundir.RunPaths(run_dir=config.resolved_run_dir, output=config.resolved_output)
-    io.check_writable(paths.output)
-    created = not os.path.exists(paths.run_dir)
-    rundir.make(paths)
-    try:
-        with rundir.lock(paths):
-            return _fit(config, devices, paths)
-    finally:
-        if created:
-            rundir.remove_if_unused(paths)  # a run that failed at start leaves nothing behind
+    io.check_writable(config.resolved_output)  # before the data: a bad path fails at once
+    train_ds, val_ds, n_train = load_datasets(config)
+    resolved = resolved_config(config, devices, n_train)
+    with RunDirectory.open(
+        config.resolved_run_dir,
+        config.resolved_output,
+        resolved,
+        config.resume_keys(),
+        resume=config.resume,
+        defaults=settings.RESUME_DEFAULTS,
+    ) as run:
+        if run.finished is not None:
+            done = run.finished
+            logger.info(
+                f"this run is complete ({done['epochs']} epochs, model -> {done['output']});"
+                " nothing to do. Pass --no-resume to train it again."
+            )
+            return TrainResult(model=keras.models.load_model(done["output"]), logs={}, summary=done)
+        return _fit(config, devices, run, (train_ds, val_ds), resolved)

@@ -1,12 +1,22 @@
-"""The run directory of `train.py`: its files, its lock, its backups, resuming.
+"""The run directory of `train.py`: one object that owns a run's lifecycle.
+
+    with RunDirectory.open(run_dir, output, settings, resume_keys, resume) as run:
+        if run.finished is None:
+            model.fit(..., callbacks=[..., run.callback(steps_per_epoch, epochs)])
+            run.finish(model, history, summary)
+
+`open` locks the folder, checks it and records the settings; the callback
+restores the newest whole backup when training begins and writes one after
+every epoch; `finish` writes the model and the summary atomically and drops
+the backups.
 
 Rules that keep a user's work:
-- one process per run directory (`lock`, released by the OS when a process
-  dies, even by SIGKILL);
-- backups are whole files or absent (`callbacks.EpochBackup` writes each
-  epoch's weights and optimizer state to a temporary file and renames it to
-  `backup/epoch-NNNNN.weights.h5`; the epoch is in the name, so weights and
-  epoch cannot disagree), and the previous one is kept;
+- one process per run directory (an advisory lock, released by the OS when a
+  process dies, even by SIGKILL);
+- backups are whole files or absent (each epoch's weights and optimizer state
+  go to a temporary file renamed to `backup/epoch-NNNNN.weights.h5`; the
+  epoch is in the name, so weights and epoch cannot disagree), and the
+  previous one is kept;
 - resuming trusts a backup only when it loads and its optimizer step count
   matches its epoch; otherwise the previous one, otherwise a clear refusal;
 - only files this program wrote are ever deleted or replaced: a folder
@@ -16,7 +26,6 @@ Rules that keep a user's work:
 
 import contextlib
 import csv
-import dataclasses
 import glob
 import json
 import logging
@@ -26,7 +35,9 @@ import re
 import shutil
 import time
 
+import keras
 import numpy as np
+from keras import ops
 
 from nam_keras import io
 from nam_keras.errors import ConfigError
@@ -38,82 +49,13 @@ OWNER_KEY = "written_by"
 OWNER = "nam-keras train.py"
 BACKUP_PATTERN = re.compile(r"^epoch-(\d{5,})\.weights\.h5$")
 LEGACY_BACKUP = ("latest.weights.h5", "training_metadata.json")  # Keras' BackupAndRestore
-
-
-@dataclasses.dataclass(frozen=True)
-class RunPaths:
-    """The files of one run."""
-
-    run_dir: str
-    output: str
-
-    @property
-    def backup(self):
-        return os.path.join(self.run_dir, "backup")
-
-    @property
-    def log_csv(self):
-        return os.path.join(self.run_dir, "log.csv")
-
-    @property
-    def config_json(self):
-        return os.path.join(self.run_dir, "config.json")
-
-    @property
-    def summary_json(self):
-        return os.path.join(self.run_dir, "summary.json")
-
-    @property
-    def tensorboard(self):
-        return os.path.join(self.run_dir, "tensorboard")
-
-    @property
-    def lock_file(self):
-        return os.path.join(self.run_dir, ".lock")
+#: How many epoch backups are kept (the newest may be lost to a full disk).
+KEEP_BACKUPS = 2
 
 
 def backup_path(backup_dir, epoch):
     """Where the backup after `epoch` completed epochs is written."""
     return os.path.join(backup_dir, f"epoch-{epoch:05d}.weights.h5")
-
-
-# ------------------------------------------------------------------ lock
-
-
-@contextlib.contextmanager
-def lock(paths):
-    """Holds the run directory for this process; a second one is refused.
-
-    An advisory `fcntl` lock on `run_dir/.lock`: the OS releases it when the
-    holder exits or is killed, so a crashed run never leaves it stuck.
-    """
-    import fcntl
-
-    try:
-        handle = open(paths.lock_file, "a+")  # noqa: SIM115 - held for the whole block
-    except OSError as err:
-        raise ConfigError(f"cannot use run directory {paths.run_dir}: {err.strerror}.") from None
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise ConfigError(
-                f"{paths.run_dir} is in use by {holder}: two runs on one run directory "
-                "would overwrite each other's backups and logs. Wait for it to finish, or "
-                "choose another --run-dir."
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"train.py (pid {os.getpid()})\n")
-        handle.flush()
-        yield
-    finally:
-        handle.close()
-
-
-# ------------------------------------------------------------------ state of a run directory
 
 
 def read_json(path, what):
@@ -131,51 +73,6 @@ def read_json(path, what):
     if not isinstance(value, dict):
         raise ConfigError(f"{path} ({what}) is not a JSON object; pass --no-resume.")
     return value
-
-
-def owned(paths):
-    """True when `config.json` says train.py wrote this run directory."""
-    try:
-        config = read_json(paths.config_json, "the run's settings")
-    except ConfigError:
-        return False
-    if not config:
-        return False
-    legacy = "peak_lr" in config and "total_steps" in config  # before the marker existed
-    return config.get(OWNER_KEY) == OWNER or legacy
-
-
-def completed(paths):
-    """The summary of a finished run whose model still exists, else `None`."""
-    try:
-        summary = read_json(paths.summary_json, "the run's summary")
-    except ConfigError:
-        return None
-    if summary and summary.get("complete") and os.path.isfile(summary.get("output", "")):
-        return summary
-    return None
-
-
-def check_resumable(paths, resolved, keys, defaults=None):
-    """Refuses a run directory whose `config.json` differs in `keys`.
-
-    A key missing from that file (a setting added since it was written) is
-    taken to be `defaults[key]`, the value the older version used.
-    """
-    old = read_json(paths.config_json, "the run's settings")
-    if old is None:
-        raise ConfigError(
-            f"{paths.backup} has backups but {paths.config_json} is missing, so they cannot "
-            "be checked against this run; pass --no-resume to start afresh or choose "
-            "another --run-dir."
-        )
-    old = {**(defaults or {}), **old}
-    changed = {k: (old.get(k), resolved[k]) for k in keys if old.get(k) != resolved[k]}
-    if changed:
-        raise ConfigError(
-            f"{paths.run_dir} holds a backup of a different run ({changed}, as "
-            "(saved, now)); pass --no-resume to start afresh or choose another --run-dir."
-        )
 
 
 # ------------------------------------------------------------------ backups
@@ -204,50 +101,6 @@ def backups(backup_dir):
     return sorted(found, reverse=True)
 
 
-def _load(model, path, epoch, steps_per_epoch):
-    """Loads one backup; raises when it does not load or disagrees with its epoch."""
-    model.load_weights(path)
-    steps = int(model.optimizer.iterations.numpy())
-    if steps != epoch * steps_per_epoch:
-        raise ValueError(
-            f"it holds {steps} optimizer steps, not the {epoch} x {steps_per_epoch} of its epoch"
-        )
-
-
-def restore(model, paths, epochs, steps_per_epoch):
-    """Loads the newest backup that is whole into `model` (optimizer included).
-
-    Returns:
-        The number of completed epochs it holds, or `None` without backups.
-
-    Raises:
-        ConfigError: a backup beyond `epochs`, or no backup that loads.
-    """
-    candidates = backups(paths.backup)
-    if not candidates:
-        return None
-    if candidates[0][0] > epochs or candidates[-1][0] < 0:
-        raise ConfigError(
-            f"{paths.backup} holds a backup after {candidates[0][0]} epochs, outside 0..{epochs} "
-            f"(--epochs {epochs}); pass --epochs {candidates[0][0]} to finish that run, or "
-            "--no-resume to start afresh."
-        )
-    model.optimizer.build(model.trainable_variables)
-    failures = []
-    for epoch, path in candidates:
-        try:
-            _load(model, path, epoch, steps_per_epoch)
-            if failures:
-                logger.info(f"warning: skipped damaged backup(s): {'; '.join(failures)}")
-            return epoch
-        except Exception as err:
-            failures.append(f"{os.path.basename(path)} ({type(err).__name__}: {err})")
-    raise ConfigError(
-        f"no backup in {paths.backup} can be loaded: {'; '.join(failures)}. Pass --no-resume "
-        "to start afresh (the damaged backups are then removed)."
-    )
-
-
 def remove_backups(backup_dir, keep=0):
     """Deletes this program's backup files but the newest `keep`, and its
     leftover temporary files; never other files. With `keep=0` the folder
@@ -266,7 +119,11 @@ def remove_backups(backup_dir, keep=0):
             os.rmdir(backup_dir)  # only when nothing else is in it
 
 
-# ------------------------------------------------------------------ starting a run
+def disk_needed(model):
+    """Bytes a run writes at most at once: two backups (weights and optimizer
+    state) and the model, with a margin."""
+    weights = sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in model.weights)
+    return 6 * weights + (16 << 20)
 
 
 def _set_aside(path, reason):
@@ -277,93 +134,390 @@ def _set_aside(path, reason):
     return target
 
 
-def start_afresh(paths):
-    """`--no-resume`: drops this program's backups and summary; keeps the old log."""
-    if os.path.exists(paths.backup) and backups(paths.backup) and not owned(paths):
-        raise ConfigError(
-            f"{paths.backup} holds backups, but {paths.config_json} is missing or damaged, so "
-            "they may not have been written by train.py; they are left alone. Move them away "
-            "or choose another --run-dir."
-        )
-    remove_backups(paths.backup)
-    if os.path.exists(paths.summary_json) and owned(paths):
-        os.remove(paths.summary_json)
-    if os.path.exists(paths.log_csv):
-        kept = _set_aside(paths.log_csv, "previous")
-        logger.info(f"the previous run's log is kept as {kept}")
+# ------------------------------------------------------------------ the run directory
 
 
-def truncate_log(paths, first_epoch):
-    """Keeps the CSV rows of epochs before `first_epoch` (those the backup holds);
-    a log that cannot be read is set aside, not lost."""
-    if not os.path.exists(paths.log_csv):
-        return
-    try:
-        with open(paths.log_csv, newline="") as f:
-            rows = list(csv.reader(f))
-        kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) < first_epoch]
-    except (OSError, ValueError, UnicodeDecodeError):
-        kept_as = _set_aside(paths.log_csv, "damaged")
-        logger.info(f"warning: {paths.log_csv} could not be read; kept as {kept_as}")
-        return
-    io.atomic_write_text(paths.log_csv, "".join(",".join(r) + "\n" for r in kept))
+class RunDirectory:
+    """The folder of one training run and its final model file.
 
+    Create it with `RunDirectory.open` (a context manager that holds the
+    folder's lock); the training callback of `callback` restores and writes
+    the backups; `finish` writes the results.
 
-def check_layout(paths):
-    """Refuses a run directory whose parts are not what they should be."""
-    for path, kind in (
-        (paths.backup, "folder"),
-        (paths.tensorboard, "folder"),
-        (paths.config_json, "file"),
-        (paths.log_csv, "file"),
-    ):
-        wrong = os.path.isfile(path) if kind == "folder" else os.path.isdir(path)
-        if wrong:
+    Attributes:
+        run_dir: the folder.
+        output: the final `.keras` file.
+        finished: the summary of this very run when it finished before (then
+            there is nothing to train), else `None`.
+        initial_epoch: the completed epochs of the backup restored when
+            training began (`None`: none was).
+    """
+
+    def __init__(self, run_dir, output):
+        self.run_dir = os.fspath(run_dir)
+        self.output = os.fspath(output)
+        self.finished = None
+        self.initial_epoch = None
+
+    # === the files ===
+    @property
+    def backup(self):
+        return os.path.join(self.run_dir, "backup")
+
+    @property
+    def log_csv(self):
+        return os.path.join(self.run_dir, "log.csv")
+
+    @property
+    def config_json(self):
+        return os.path.join(self.run_dir, "config.json")
+
+    @property
+    def summary_json(self):
+        return os.path.join(self.run_dir, "summary.json")
+
+    @property
+    def tensorboard(self):
+        return os.path.join(self.run_dir, "tensorboard")
+
+    @property
+    def lock_file(self):
+        return os.path.join(self.run_dir, ".lock")
+
+    # === open ===
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, run_dir, output, settings, resume_keys, resume=True, defaults=None):
+        """Holds the run directory for one run, from its checks to its end.
+
+        Creates and locks the folder, checks its layout, applies
+        `resume=False` (drops our backups and summary, keeps the old log),
+        finds a finished run (`finished`), checks a backup against the
+        recorded settings and records `settings` in `config.json`. A folder
+        this call created is removed again when the run leaves nothing in it.
+
+        Args:
+            run_dir: the folder.
+            output: the final `.keras` file (checked writable first).
+            settings: the resolved settings, JSON-ready (`config.json`).
+            resume_keys: the settings a backup or a finished run must share.
+            resume: resume from a backup; `False` starts afresh.
+            defaults: values of settings missing from an older `config.json`.
+
+        Raises:
+            ConfigError: a path, a lock, a damaged or different run.
+        """
+        run = cls(run_dir, output)
+        io.check_writable(run.output)
+        created = not os.path.exists(run.run_dir)
+        io.make_folder(run.run_dir)
+        try:
+            with run._lock():
+                run._prepare(resume)
+                run._check_and_record(settings, resume_keys, resume, defaults or {})
+                yield run
+        finally:
+            if created:
+                run._remove_if_unused()
+
+    @contextlib.contextmanager
+    def _lock(self):
+        """An advisory `fcntl` lock on `.lock`; a second holder is refused."""
+        import fcntl
+
+        try:
+            handle = open(self.lock_file, "a+")  # noqa: SIM115 - held for the whole block
+        except OSError as err:
+            raise ConfigError(f"cannot use run directory {self.run_dir}: {err.strerror}.") from None
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise ConfigError(
+                    f"{self.run_dir} is in use by {holder}: two runs on one run directory "
+                    "would overwrite each other's backups and logs. Wait for it to finish, or "
+                    "choose another --run-dir."
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"train.py (pid {os.getpid()})\n")
+            handle.flush()
+            yield
+        finally:
+            handle.close()
+
+    def _prepare(self, resume):
+        try:
+            self._check_layout()
+            if not resume:
+                self._start_afresh()
+        except OSError as err:
             raise ConfigError(
-                f"{path} should be a {kind} of the run directory; move it away or choose "
+                f"cannot use run directory {self.run_dir}: {err.strerror or err}."
+            ) from None
+
+    def _check_layout(self):
+        for path, kind in (
+            (self.backup, "folder"),
+            (self.tensorboard, "folder"),
+            (self.config_json, "file"),
+            (self.log_csv, "file"),
+        ):
+            wrong = os.path.isfile(path) if kind == "folder" else os.path.isdir(path)
+            if wrong:
+                raise ConfigError(
+                    f"{path} should be a {kind} of the run directory; move it away or choose "
+                    "another --run-dir."
+                )
+
+    def owned(self):
+        """True when `config.json` says train.py wrote this run directory."""
+        try:
+            config = read_json(self.config_json, "the run's settings")
+        except ConfigError:
+            return False
+        if not config:
+            return False
+        legacy = "peak_lr" in config and "total_steps" in config  # before the marker existed
+        return config.get(OWNER_KEY) == OWNER or legacy
+
+    def _start_afresh(self):
+        if os.path.exists(self.backup) and backups(self.backup) and not self.owned():
+            raise ConfigError(
+                f"{self.backup} holds backups, but {self.config_json} is missing or damaged, so "
+                "they may not have been written by train.py; they are left alone. Move them away "
+                "or choose another --run-dir."
+            )
+        remove_backups(self.backup)
+        if os.path.exists(self.summary_json) and self.owned():
+            os.remove(self.summary_json)
+        if os.path.exists(self.log_csv):
+            kept = _set_aside(self.log_csv, "previous")
+            logger.info(f"the previous run's log is kept as {kept}")
+
+    def completed(self):
+        """The summary of a finished run whose model still exists, else `None`."""
+        try:
+            summary = read_json(self.summary_json, "the run's summary")
+        except ConfigError:
+            return None
+        if summary and summary.get("complete") and os.path.isfile(summary.get("output", "")):
+            return summary
+        return None
+
+    def check_resumable(self, settings, keys, defaults=None):
+        """Refuses a run directory whose `config.json` differs in `keys`.
+
+        A key missing from that file (a setting added since it was written) is
+        taken to be `defaults[key]`, the value the older version used.
+        """
+        old = read_json(self.config_json, "the run's settings")
+        if old is None:
+            raise ConfigError(
+                f"{self.backup} has backups but {self.config_json} is missing, so they cannot "
+                "be checked against this run; pass --no-resume to start afresh or choose "
                 "another --run-dir."
             )
-
-
-def remove_if_unused(paths):
-    """Removes the run directory when it holds nothing but the lock file."""
-    with contextlib.suppress(OSError):
-        if os.listdir(paths.run_dir) == [os.path.basename(paths.lock_file)]:
-            os.remove(paths.lock_file)
-            os.rmdir(paths.run_dir)
-
-
-def make(paths):
-    """Creates the run directory; `ConfigError` naming it when the OS refuses."""
-    io.make_folder(paths.run_dir)
-
-
-def prepare(paths, resume):
-    """Checks the run directory's layout and applies `--no-resume`."""
-    try:
-        check_layout(paths)
-        if not resume:
-            start_afresh(paths)
-    except OSError as err:
-        raise ConfigError(
-            f"cannot use run directory {paths.run_dir}: {err.strerror or err}."
-        ) from None
-
-
-def disk_needed(model):
-    """Bytes a run writes at most at once: two backups (weights and optimizer
-    state) and the model, with a margin."""
-    weights = sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in model.weights)
-    return 6 * weights + (16 << 20)
-
-
-def check_free_space(paths, model):
-    """Refuses to start when the disk cannot hold the backups and the model."""
-    needed = disk_needed(model)
-    for folder in {paths.run_dir, os.path.dirname(os.path.abspath(paths.output))}:
-        free = shutil.disk_usage(folder).free
-        if free < needed:
+        old = {**(defaults or {}), **old}
+        changed = {k: (old.get(k), settings[k]) for k in keys if old.get(k) != settings[k]}
+        if changed:
             raise ConfigError(
-                f"only {free / 1e6:.0f} MB free in {folder}; this run's backups and model need "
-                f"about {needed / 1e6:.0f} MB. Free some space or choose another folder."
+                f"{self.run_dir} holds a backup of a different run ({changed}, as "
+                "(saved, now)); pass --no-resume to start afresh or choose another --run-dir."
             )
+
+    def _check_and_record(self, settings, keys, resume, defaults):
+        done = self.completed() if resume else None
+        if done is not None and done["output"] == self.output:
+            self.check_resumable(settings, keys, defaults)
+            remove_backups(self.backup)  # leftovers of a run stopped while cleaning up
+            self.finished = done
+            return
+        if resume and backups(self.backup):
+            self.check_resumable(settings, keys, defaults)
+        text = json.dumps({OWNER_KEY: OWNER, **settings}, indent=2, default=str)
+        io.atomic_write_text(self.config_json, text + "\n")
+
+    def _remove_if_unused(self):
+        with contextlib.suppress(OSError):
+            if os.listdir(self.run_dir) == [os.path.basename(self.lock_file)]:
+                os.remove(self.lock_file)
+                os.rmdir(self.run_dir)
+
+    # === during training ===
+    def callback(self, steps_per_epoch, epochs, scope=contextlib.nullcontext):
+        """The Keras callback that restores when training begins and backs up
+        after every epoch (`EpochBackup`)."""
+        return EpochBackup(self, steps_per_epoch, epochs, scope)
+
+    def check_free_space(self, model):
+        """Refuses to start when the disk cannot hold the backups and the model."""
+        needed = disk_needed(model)
+        for folder in {self.run_dir, os.path.dirname(os.path.abspath(self.output))}:
+            free = shutil.disk_usage(folder).free
+            if free < needed:
+                raise ConfigError(
+                    f"only {free / 1e6:.0f} MB free in {folder}; this run's backups and model "
+                    f"need about {needed / 1e6:.0f} MB. Free some space or choose another folder."
+                )
+
+    def restore(self, model, epochs, steps_per_epoch):
+        """Loads the newest backup that is whole into `model` (optimizer
+        included) and keeps the log rows of the epochs it holds.
+
+        Without a backup, an existing `log.csv` is set aside, so the run's log
+        starts afresh.
+
+        Returns:
+            The number of completed epochs it holds, or `None` without backups.
+
+        Raises:
+            ConfigError: a backup beyond `epochs`, or no backup that loads.
+        """
+        candidates = backups(self.backup)
+        if not candidates:
+            if os.path.exists(self.log_csv):  # rows of no backup: not this run's log
+                kept = _set_aside(self.log_csv, "previous")
+                logger.info(f"an earlier log is kept as {kept}")
+            return None
+        if candidates[0][0] > epochs or candidates[-1][0] < 0:
+            raise ConfigError(
+                f"{self.backup} holds a backup after {candidates[0][0]} epochs, outside "
+                f"0..{epochs} (--epochs {epochs}); pass --epochs {candidates[0][0]} to finish "
+                "that run, or --no-resume to start afresh."
+            )
+        model.optimizer.build(model.trainable_variables)
+        failures = []
+        for epoch, path in candidates:
+            try:
+                _load(model, path, epoch, steps_per_epoch)
+            except Exception as err:
+                failures.append(f"{os.path.basename(path)} ({type(err).__name__}: {err})")
+                continue
+            if failures:
+                logger.info(f"warning: skipped damaged backup(s): {'; '.join(failures)}")
+            self.truncate_log(epoch)
+            return epoch
+        raise ConfigError(
+            f"no backup in {self.backup} can be loaded: {'; '.join(failures)}. Pass --no-resume "
+            "to start afresh (the damaged backups are then removed)."
+        )
+
+    def truncate_log(self, first_epoch):
+        """Keeps the CSV rows of epochs before `first_epoch` (those the backup
+        holds); a log that cannot be read is set aside, not lost."""
+        if not os.path.exists(self.log_csv):
+            return
+        try:
+            with open(self.log_csv, newline="") as f:
+                rows = list(csv.reader(f))
+            kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) < first_epoch]
+        except (OSError, ValueError, UnicodeDecodeError):
+            kept_as = _set_aside(self.log_csv, "damaged")
+            logger.info(f"warning: {self.log_csv} could not be read; kept as {kept_as}")
+            return
+        io.atomic_write_text(self.log_csv, "".join(",".join(r) + "\n" for r in kept))
+
+    def write_backup(self, model, epochs_done):
+        """Writes the backup after `epochs_done` epochs, whole or not at all,
+        and keeps the newest `KEEP_BACKUPS`."""
+        os.makedirs(self.backup, exist_ok=True)
+        with io.atomic_path(backup_path(self.backup, epochs_done), suffix=".weights.h5") as tmp:
+            model.save_weights(tmp)
+        remove_backups(self.backup, keep=KEEP_BACKUPS)
+
+    # === finish ===
+    def finish(self, model, history, summary):
+        """Writes the model (atomically), then `summary.json`, then drops the backups.
+
+        A failure to write the model keeps the backups, so re-running the same
+        command writes it without training again.
+
+        Args:
+            model: the trained model.
+            history: `fit`'s `History`.
+            summary: figures of the run for `summary.json`.
+
+        Returns:
+            `(logs, summary)`: the last epoch's logs and the summary written.
+        """
+        try:
+            io.save_model_atomic(model, self.output)
+        except OSError as err:
+            raise ConfigError(
+                f"could not write the model to {self.output} ({err.strerror or err}). The trained "
+                f"weights are kept in {self.backup}: fix the cause and re-run the same command; it "
+                "writes the model without training again."
+            ) from None
+        logs = self._final_logs(history)
+        summary = {"complete": True, "output": self.output, **summary, **logs}
+        io.atomic_write_text(self.summary_json, json.dumps(summary, indent=2) + "\n")
+        remove_backups(self.backup)  # only once the model and the summary are safe
+        return logs, summary
+
+    def _final_logs(self, history):
+        """The last epoch's logs: from `fit`, or from `log.csv` when `fit` had no
+        epoch left to run (a run resumed after its last epoch)."""
+        if history.history:
+            return {k: float(v[-1]) for k, v in history.history.items()}
+        try:
+            with open(self.log_csv, newline="") as f:
+                rows = list(csv.DictReader(f))
+            return {k: float(v) for k, v in rows[-1].items() if k != "epoch" and v}
+        except (OSError, IndexError, ValueError):
+            return {}
+
+
+def _load(model, path, epoch, steps_per_epoch):
+    """Loads one backup; raises when it does not load or disagrees with its epoch."""
+    model.load_weights(path)
+    steps = int(ops.convert_to_numpy(model.optimizer.iterations))
+    if steps != epoch * steps_per_epoch:
+        raise ValueError(
+            f"it holds {steps} optimizer steps, not the {epoch} x {steps_per_epoch} of its epoch"
+        )
+
+
+class EpochBackup(keras.callbacks.Callback):
+    """Resumes and backs up a run: the `keras.callbacks.BackupAndRestore` of a
+    `RunDirectory`.
+
+    When training begins it checks the free disk space and loads the newest
+    whole backup (weights and optimizer state), telling `fit` to start after
+    its epoch; after every epoch it writes the next backup to a temporary file
+    renamed to `backup/epoch-NNNNN.weights.h5` (NNNNN = completed epochs), so a
+    kill at any moment leaves the previous backups intact. Put it before
+    `CSVLogger`: it trims the log to the epochs the backup holds.
+
+    Args:
+        run: the `RunDirectory`.
+        steps_per_epoch: optimizer steps per epoch (a backup is trusted only
+            when its step count matches its epoch).
+        epochs: the run's epochs.
+        scope: a context factory for creating the optimizer's variables (the
+            `tf.distribute` strategy's `scope`).
+    """
+
+    def __init__(self, run, steps_per_epoch, epochs, scope=contextlib.nullcontext):
+        super().__init__()
+        self.run = run
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.epochs = int(epochs)
+        self.scope = scope
+
+    def on_train_begin(self, logs=None):
+        self.run.check_free_space(self.model)
+        with self.scope():
+            epoch = self.run.restore(self.model, self.epochs, self.steps_per_epoch)
+        self.run.initial_epoch = epoch
+        if epoch is not None:
+            self.model._initial_epoch = epoch  # what BackupAndRestore sets for `fit`
+            logger.info(
+                f"resuming from the backup in {self.run.backup}: {epoch} of {self.epochs} "
+                "epochs done"
+            )
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.run.write_backup(self.model, epoch + 1)
