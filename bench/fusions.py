@@ -13,7 +13,6 @@ convolutions, unfused moments, casts. Compares the BN of this project
 import collections
 
 import harness
-import keras
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.eager import context
@@ -88,7 +87,6 @@ def main(argv=None):
     for label, row in rows.items():
         print(f"{label}: fused/oneDNN op types {', '.join(row['fused_ops']) or 'none'}")
     harness.write_json(args.json, {"args": vars(args), "rows": rows})
-    keras.mixed_precision.set_global_policy("float32")
     return rows
 
 

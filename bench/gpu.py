@@ -86,10 +86,13 @@ def keras_images_per_s(cfg, attention, batch, precision, spe):
     """Training images/s of our ResNet on JAX, data on the device."""
     import jax
 
-    keras.mixed_precision.set_global_policy(precision)
     size = cfg["size"]
     model = build_resnet(
-        depth=cfg["depth"], width=cfg["width"], attention=attention, input_shape=(size, size, 3)
+        depth=cfg["depth"],
+        width=cfg["width"],
+        attention=attention,
+        input_shape=(size, size, 3),
+        dtype=precision,
     )
     optimizer = TorchSGD(learning_rate=0.01)
     if precision == "mixed_float16":
@@ -111,7 +114,6 @@ def keras_images_per_s(cfg, attention, batch, precision, spe):
         loss.block_until_ready()
 
     median, _ = harness.timed(run, cfg["steps"], cfg["warmup"])
-    keras.mixed_precision.set_global_policy("float32")
     return spe * batch / median, forward_multiply_adds(model)
 
 

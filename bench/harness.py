@@ -113,16 +113,19 @@ def compiled_resnet(depth, width, precision, xla, attention="nam", attention_kwa
     from nam_keras import TorchSGD, build_resnet
 
     keras.backend.clear_session()
-    keras.mixed_precision.set_global_policy(precision)
     keras.utils.set_random_seed(0)
     model = build_resnet(
         depth=depth,
         width=width,
         attention=attention,
         attention_kwargs=attention_kwargs if attention else None,
+        dtype=precision,
     )
+    optimizer = TorchSGD(0.01)
+    if precision == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(
-        optimizer=TorchSGD(0.01),
+        optimizer=optimizer,
         jit_compile=xla,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )

@@ -19,7 +19,6 @@ float32, bfloat16 for mixed_bfloat16, float16 for mixed_float16).
 import json
 
 import harness
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -39,7 +38,6 @@ def measure(
     y = tf.constant(rng.integers(0, 100, (batch,)).astype("int32"))
     median, times = harness.timed(harness.train_step_fn(model, x, y), steps, warmup)
     macs = forward_multiply_adds(model)
-    keras.mixed_precision.set_global_policy("float32")
     return {
         "step_s": median,
         "times_s": times,

@@ -197,14 +197,13 @@ def test_dtype_policies(rng, policy):
     )
 
 
-def test_global_mixed_policy(rng):
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    layer = NAMAttention(spatial=True)
+def test_mixed_policy_gate_is_float32_and_the_penalty_too(rng):
+    layer = NAMAttention(spatial=True, dtype="mixed_bfloat16")
     out = layer(rng.normal(size=(2, 4, 4, 8)).astype("float32"), training=True)
     assert keras.backend.standardize_dtype(out.dtype) == "float32"  # float32_gate
     assert layer.channel_bn.dtype_policy.name == "mixed_bfloat16"
     assert layer.spatial_bn.dtype_policy.name == "mixed_bfloat16"
-    legacy = NAMAttention(spatial=True, float32_gate=False)
+    legacy = NAMAttention(spatial=True, float32_gate=False, dtype="mixed_bfloat16")
     out = legacy(rng.normal(size=(2, 4, 4, 8)).astype("float32"), training=True)
     assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
     assert keras.backend.standardize_dtype(layer.losses[0].dtype) == "float32"

@@ -1,6 +1,7 @@
 """The settings tables: validation, the parsers derived from them, config.json, resume keys."""
 
 import dataclasses
+import inspect
 
 import pytest
 
@@ -185,3 +186,23 @@ def test_every_flag_given_overrides_the_recipe():
 def test_milestones_must_increase():
     with pytest.raises(ConfigError, match=r"--milestones must be strictly increasing"):
         TrainConfig(milestones=(120, 60))
+
+
+def test_choice_lists_are_the_registries():
+    """config.py writes the choices out (parsing imports no Keras); each list is
+    its registry's, so a new module, depth, stem, recipe or schedule is offered."""
+    from nam_keras.data import pipeline
+    from nam_keras.layers.attention import ATTENTIONS
+    from nam_keras.models import resnet
+    from nam_keras.training import schedules
+
+    assert set(config.MODELS) == set(ATTENTIONS) | {"baseline"}
+    assert tuple(sorted(resnet.RESNET_CONFIGS)) == config.DEPTHS
+    assert config.STEMS == resnet.STEMS
+    assert set(config.AUGMENTATIONS) == set(pipeline.AUGMENTATIONS)
+    assert set(config.SCHEDULES) == set(schedules.BY_NAME)
+    assert set(config.ATTENTION_OPTIONS) <= set(ATTENTIONS)
+    for module, options in config.ATTENTION_OPTIONS.items():
+        arguments = inspect.signature(ATTENTIONS[module]).parameters
+        assert set(options.values()) <= set(arguments), module
+        assert set(options) <= {f.name for f in dataclasses.fields(TrainConfig)}

@@ -267,7 +267,7 @@ def test_eval_pipeline_is_never_augmented():
 
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16", "mixed_float16"])
 def test_mixup_cutmix_randaugment_give_one_hot_mixtures(policy):
-    # the global policy train.py sets must not reach the pipeline's layers
+    # a global policy a user may set must not reach the pipeline's layers (float32 by design)
     keras.mixed_precision.set_global_policy(policy)
     train, _ = pipeline.load_cifar100("synthetic", synthetic_sizes=(32, 8))
     ds = pipeline.train_pipeline(train, 16, seed=0, randaugment=True, mixup=0.4, cutmix=1.0)

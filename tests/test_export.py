@@ -168,9 +168,7 @@ def test_evaluate_exports_a_quantised_litert_model(trained_model, tmp_path):
 
 
 def test_a_mixed_precision_model_exports_in_float32(tmp_path):
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    model = nam_keras.build_resnet(depth=18, width=4)
-    keras.mixed_precision.set_global_policy("float32")
+    model = nam_keras.build_resnet(depth=18, width=4, dtype="mixed_bfloat16")
     copy = export.float32_copy(model)
     assert {layer.dtype_policy.name for layer in copy.layers} == {"float32"}
     assert export.float32_copy(copy) is copy

@@ -185,9 +185,8 @@ def train_pipeline(
     seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
     ds = tf.data.Dataset.zip((ds, seeds))
 
-    # Keras core augmentation layers, applied to whole batches in tf.data.
-    # float32 whatever the global policy: the pipeline's images and one-hot labels
-    # are float32, and a mixed policy would make these layers compute in 16 bits.
+    # Keras core augmentation layers, applied to whole batches in tf.data, with
+    # their dtype given like every layer's: float32, the pipeline's images and labels.
     rand_aug = keras.layers.RandAugment(seed=seed, dtype="float32") if randaugment else None
     mixers = []
     if mixup:

@@ -100,23 +100,20 @@ def export_saved_model(model, export_dir, verbose=False):
 TFLITE_QUANTIZATIONS = ("none", "float16", "dynamic")
 
 
-def _float32_policies(config):
-    """A model config with every layer's dtype policy made float32."""
-    if isinstance(config, dict):
-        if config.get("class_name") == "DTypePolicy":
-            return {**config, "config": {**config.get("config", {}), "name": "float32"}}
-        return {k: _float32_policies(v) for k, v in config.items()}
-    if isinstance(config, list):
-        return [_float32_policies(v) for v in config]
-    return config
+def _float32_layer(layer):
+    """A new layer like `layer` with the float32 policy (its sublayers follow it)."""
+    return layer.__class__.from_config({**layer.get_config(), "dtype": "float32"})
 
 
 def float32_copy(model):
     """`model` itself when it computes in float32, else a float32 copy with its weights
-    (a model trained under mixed precision, for runtimes without bfloat16/float16 kernels)."""
+    (a model trained under mixed precision, for runtimes without bfloat16/float16 kernels).
+
+    The copy is `keras.models.clone_model` with every layer rebuilt under the
+    float32 policy."""
     if all(layer.dtype_policy.name == "float32" for layer in model.layers):
         return model
-    copy = model.__class__.from_config(_float32_policies(model.get_config()))
+    copy = keras.models.clone_model(model, clone_function=_float32_layer)
     copy.set_weights(model.get_weights())
     return copy
 

@@ -178,16 +178,15 @@ def build_and_compile(config, devices):
 
 def schedule_callback(config, steps_per_epoch):
     """The learning-rate callback of `config.schedule`."""
-    if config.schedule == "epoch-cosine":
-        return schedules.EpochCosine(
-            config.peak_lr, steps_per_epoch, config.epochs, config.warmup_steps
-        )
-    if config.schedule == "multistep":
-        return schedules.MultiStep(
-            config.peak_lr, steps_per_epoch, config.milestones, config.lr_decay, config.warmup_steps
-        )
-    total_steps = steps_per_epoch * config.epochs
-    return schedules.WarmupCosine(config.peak_lr, total_steps, config.warmup_steps)
+    return schedules.for_run(
+        config.schedule,
+        config.peak_lr,
+        steps_per_epoch,
+        config.epochs,
+        config.warmup_steps,
+        milestones=config.milestones,
+        decay=config.lr_decay,
+    )
 
 
 def _quick_run_hint(config, devices):

@@ -372,3 +372,28 @@ class MultiStep(ScheduleCallback):
     def __init__(self, base_lr, steps_per_epoch, milestones, decay=0.2, warmup_steps=0):
         super().__init__()
         self.schedule = MultiStepDecay(base_lr, steps_per_epoch, milestones, decay, warmup_steps)
+
+
+def for_run(name, base_lr, steps_per_epoch, epochs, warmup_steps, milestones=(), decay=0.2):
+    """The schedule callback that `train.py --schedule NAME` names.
+
+    Args:
+        name: a key of `BY_NAME`.
+        base_lr: the peak learning rate.
+        steps_per_epoch: optimizer steps per epoch.
+        epochs: the run's epochs.
+        warmup_steps: length of the linear warmup from 0.
+        milestones: epochs of `"multistep"`'s decays.
+        decay: `"multistep"`'s factor.
+    """
+    if name not in BY_NAME:
+        raise ValueError(f"Unknown schedule {name!r}; expected one of {sorted(BY_NAME)}.")
+    if name == "warmup-cosine":
+        return WarmupCosine(base_lr, steps_per_epoch * epochs, warmup_steps)
+    if name == "epoch-cosine":
+        return EpochCosine(base_lr, steps_per_epoch, epochs, warmup_steps)
+    return MultiStep(base_lr, steps_per_epoch, milestones, decay, warmup_steps)
+
+
+#: `train.py --schedule` name -> its callback class.
+BY_NAME = {"warmup-cosine": WarmupCosine, "epoch-cosine": EpochCosine, "multistep": MultiStep}
