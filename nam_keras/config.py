@@ -9,6 +9,7 @@ use gets the same checks and messages as the command line.
 
 import dataclasses
 import math
+import os
 
 from nam_keras.errors import ConfigError
 
@@ -32,6 +33,12 @@ ATTENTION_OPTIONS = {
 }
 MAX_SEED = 2**32 - 1
 MAX_WIDTH = 1024
+#: Largest count a setting takes (epochs, steps, milestones, batch...): the int32 that
+#: the step counters and the schedules' tensors hold. Larger ones are typing mistakes.
+MAX_COUNT = 2**31 - 1
+#: Largest --synthetic-size: 10 times CIFAR-100's 50,000 training images. Each image
+#: is 3,072 bytes in memory, so 500,000 of them are 1.5 GB per split.
+MAX_SYNTHETIC_SIZE = 500_000
 
 
 # ------------------------------------------------------------------ validators
@@ -40,10 +47,22 @@ MAX_WIDTH = 1024
 
 
 def positive_int(value):
-    """An integer >= 1."""
+    """An integer in [1, MAX_COUNT]."""
     number = _int(value, "a positive integer")
     if number < 1:
         raise ValueError(f"expected a positive integer, received {number}")
+    return _at_most_max_count(number)
+
+
+def synthetic_count(value):
+    """A number of synthetic images in [1, MAX_SYNTHETIC_SIZE]: more would not fit in
+    memory (3,072 bytes an image) long before any use."""
+    number = positive_int(value)
+    if number > MAX_SYNTHETIC_SIZE:
+        raise ValueError(
+            f"expected at most {MAX_SYNTHETIC_SIZE:,} images per split (10 times CIFAR-100's "
+            f"50,000 training images; 3,072 bytes each in memory), received {number:,}"
+        )
     return number
 
 
@@ -57,11 +76,43 @@ def network_width(value):
 
 
 def non_negative_int(value):
-    """An integer >= 0."""
+    """An integer in [0, MAX_COUNT]."""
     number = _int(value, "an integer >= 0")
     if number < 0:
         raise ValueError(f"expected an integer >= 0, received {number}")
+    return _at_most_max_count(number)
+
+
+def _at_most_max_count(number):
+    if number > MAX_COUNT:
+        raise ValueError(
+            f"expected an integer <= {MAX_COUNT} (2**31 - 1, what the step counters and "
+            f"schedules hold), received {number if number < 10**15 else f'{number:.3g}'}"
+        )
     return number
+
+
+def output_path(value):
+    """A path to be written: its name must be encodable as UTF-8, as Keras, TensorFlow
+    and config.json write it as text (a non-UTF-8 byte fails deep inside them)."""
+    text = os.fspath(value)
+    if isinstance(text, bytes):
+        raw = text
+    else:
+        try:
+            raw = os.fsencode(text)
+        except UnicodeError:  # a lone surrogate that is not an undecodable byte
+            raise ValueError(f"expected a path encodable as UTF-8, received {text!r}") from None
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"expected a path encodable as UTF-8, received {text!r} (bytes {raw!r}); "
+            "Keras and TensorFlow write paths as UTF-8 text: choose another name"
+        ) from None
+    if b"\0" in raw:
+        raise ValueError(f"expected a path without NUL characters, received {text!r}")
+    return value
 
 
 def random_seed(value):
@@ -202,9 +253,10 @@ class DataConfig:
     )
     synthetic_size: tuple = setting(
         (50_000, 10_000),
-        "number of train and test examples of --dataset synthetic",
+        f"number of train and test examples of --dataset synthetic (at most "
+        f"{MAX_SYNTHETIC_SIZE:,} each)",
         "data",
-        type=positive_int,
+        type=synthetic_count,
         nargs=2,
         metavar=("TRAIN", "TEST"),
     )
@@ -436,8 +488,14 @@ class TrainConfig(DataConfig):
         None,
         "config, CSV/TensorBoard logs and backups (default runs/nam or runs/baseline)",
         "outputs",
+        type=output_path,
     )
-    output: str = setting(None, "final model file (default nam.keras or baseline.keras)", "outputs")
+    output: str = setting(
+        None,
+        "final model file (default nam.keras or baseline.keras)",
+        "outputs",
+        type=output_path,
+    )
     resume: bool = setting(
         True,
         "resume from the run directory's backup if there is one",
@@ -458,7 +516,27 @@ class TrainConfig(DataConfig):
             raise ConfigError(
                 f"--milestones must be strictly increasing epochs; received {list(self.milestones)}"
             )
+        self._check_milestones()
+        if not math.isfinite(self.peak_lr):
+            raise ConfigError(
+                f"--lr {self.lr:g} with --batch-size {self.batch_size} gives a peak learning "
+                f"rate of {self.peak_lr:g} after --lr-scaling {self.lr_scaling} "
+                "(--lr * batch / 128): not a finite number. Lower --lr."
+            )
         self._check_attention_options()
+
+    def _check_milestones(self):
+        """`--schedule multistep`: every milestone is an epoch of the run. Milestone m
+        lowers the rate from epoch m (0-based) on, so m >= --epochs would never act."""
+        if self.schedule != "multistep":
+            return
+        late = [m for m in self.milestones if m >= self.epochs]
+        if late:
+            raise ConfigError(
+                f"--milestones {' '.join(map(str, late))} not below --epochs {self.epochs}: "
+                f"milestone m lowers the rate from epoch m (0-based) on, so these would "
+                f"never act. Give milestones < {self.epochs}, or more --epochs."
+            )
 
     def _check_attention_options(self):
         """Refuses a module's option set (away from its default) for another module."""
@@ -516,6 +594,7 @@ class TrainConfig(DataConfig):
         if recipe not in RECIPES:
             raise ConfigError(f"--recipe: invalid choice {recipe!r} (choose from {tuple(RECIPES)})")
         preset = dict(RECIPES[recipe])
+        _check_recipe_milestones(recipe, preset, overrides)
         model = overrides.get("model", preset.get("model", cls.model))
         for module, options in ATTENTION_OPTIONS.items():  # a recipe's NAM options: NAM only
             if module != model:
@@ -542,12 +621,14 @@ class EvalConfig(DataConfig):
         None,
         "write the full report (per-class accuracy, NAM weights) here",
         "evaluation",
+        type=output_path,
         metavar="FILE",
     )
     plots: str = setting(
         None,
         "write nam_weights.png (NAM channel weights per block) here",
         "evaluation",
+        type=output_path,
         metavar="DIR",
     )
     near_zero: float = setting(
@@ -557,7 +638,11 @@ class EvalConfig(DataConfig):
         type=float,
     )
     export: str = setting(
-        None, "also write a TF Serving SavedModel to DIR/<version>/", "evaluation", metavar="DIR"
+        None,
+        "also write a TF Serving SavedModel to DIR/<version>/",
+        "evaluation",
+        type=output_path,
+        metavar="DIR",
     )
     tta: str = setting(
         "none",
@@ -570,6 +655,7 @@ class EvalConfig(DataConfig):
         "also write a LiteRT (TFLite) model here (a .tflite file; uint8 images in, "
         "probabilities out)",
         "evaluation",
+        type=output_path,
         metavar="FILE",
     )
     tflite_quantize: str = setting(
@@ -594,6 +680,35 @@ class EvalConfig(DataConfig):
 
 
 # ------------------------------------------------------------------ derived views
+
+
+def _check_recipe_milestones(recipe, preset, overrides):
+    """A recipe's milestones are epochs of its own --epochs: with fewer --epochs given
+    and no --milestones, say so (rather than drop or rescale them silently)."""
+    if "milestones" in overrides or "milestones" not in preset or "epochs" not in overrides:
+        return
+    if overrides.get("schedule", preset.get("schedule")) != "multistep":
+        return
+    try:
+        epochs = positive_int(overrides["epochs"])
+    except ValueError:
+        return  # the table's validator names the bad value
+    milestones = preset["milestones"]
+    late = [m for m in milestones if m >= epochs]
+    if not late:
+        return
+    scaled = sorted({max(1, round(m * epochs / preset["epochs"])) for m in milestones})
+    scaled = [m for m in scaled if m < epochs]
+    if scaled:
+        what = f"Give --milestones below {epochs} (e.g. {' '.join(map(str, scaled))}, the "
+        what += "recipe's scaled), or another --schedule."
+    else:
+        what = "No milestone can act in one epoch: give another --schedule."
+    raise ConfigError(
+        f"--recipe {recipe} presets --milestones {' '.join(map(str, milestones))} for its "
+        f"--epochs {preset['epochs']}; with --epochs {epochs}, milestone(s) "
+        f"{' '.join(map(str, late))} would never act. {what}"
+    )
 
 
 def flag(field):

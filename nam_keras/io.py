@@ -76,9 +76,68 @@ def check_writable(path, what="a .keras file path"):
         raise ConfigError(f"cannot write {path!r}: the path is longer than {path_max} bytes.")
 
 
-def make_folder(path):
-    """`os.makedirs(path, exist_ok=True)`, with `ConfigError` naming the folder."""
+def check_folder(path):
+    """Raises `ConfigError` unless the folder `path` exists or can be created: the
+    nearest existing folder above it is a folder that takes new entries, no part of
+    the path is longer than the file system allows (`PC_NAME_MAX` bytes a name,
+    `PC_PATH_MAX` the whole path) and no part of it is a file. Creates nothing.
+    Returns the folders that `make_folder` would create, outermost first."""
+    path = os.fspath(path)
+    full = os.path.abspath(path)
+    missing = []
+    existing = full
+    while not os.path.isdir(existing):
+        if os.path.lexists(existing):
+            what = "it" if existing == full else f"{existing!r}"
+            raise ConfigError(f"cannot create folder {_shown(path)}: {what} is not a folder.")
+        missing.append(existing)
+        existing = os.path.dirname(existing)
+    if not missing:
+        return []
     try:
-        os.makedirs(path, exist_ok=True)
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+        path_max = os.pathconf(existing, "PC_PATH_MAX")
     except OSError as err:
-        raise ConfigError(f"cannot create folder {path!r}: {err.strerror or err}.") from None
+        raise ConfigError(f"cannot create folder {_shown(path)}: {err.strerror}.") from None
+    for folder in missing:
+        name = os.path.basename(folder)
+        if len(os.fsencode(name)) > name_max:
+            shown = name if len(name) <= 40 else name[:37] + "..."
+            raise ConfigError(
+                f"cannot create folder {_shown(path)}: the name {shown!r} is longer than the "
+                f"{name_max} bytes this file system allows."
+            )
+    if len(os.fsencode(full)) >= path_max:
+        raise ConfigError(
+            f"cannot create folder {_shown(path)}: the path is longer than {path_max} bytes."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create folder {_shown(path)}: {existing!r} is not writable.")
+    return missing[::-1]
+
+
+def make_folder(path):
+    """`os.makedirs(path, exist_ok=True)`, checked first (`check_folder`) so that a
+    path that cannot be created creates nothing; `ConfigError` naming the folder.
+    Should creating fail half-way anyway, the folders this call created are removed."""
+    created = []
+    try:
+        for folder in check_folder(path):
+            try:
+                os.mkdir(folder)
+            except FileExistsError:  # made meanwhile by another process
+                if not os.path.isdir(folder):
+                    raise
+                continue
+            created.append(folder)
+    except OSError as err:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise ConfigError(f"cannot create folder {_shown(path)}: {err.strerror or err}.") from None
+
+
+def _shown(path, limit=120):
+    """`repr(path)`, its middle cut when it is long (a message stays readable)."""
+    text = repr(os.fspath(path))
+    return text if len(text) <= limit else f"{text[: limit // 2]}...{text[-limit // 2 :]}"

@@ -206,3 +206,108 @@ def test_choice_lists_are_the_registries():
         arguments = inspect.signature(ATTENTIONS[module]).parameters
         assert set(options.values()) <= set(arguments), module
         assert set(options) <= {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+# ------------------------------------------------------------------ red-team bounds
+
+
+def _cli_error(argv, capsys, config_class=TrainConfig, prog="train.py"):
+    """The message of a command line refused with exit code 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_config(config_class, argv, prog, "")
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_synthetic_sizes_have_an_upper_bound(capsys):
+    """10**9 synthetic images (3 TB) failed in NumPy with `_ArrayMemoryError`."""
+    err = _cli_error(["--dataset", "synthetic", "--synthetic-size", "1000000000", "64"], capsys)
+    assert "--synthetic-size: expected at most 500,000 images per split" in err
+    assert "received 1,000,000,000" in err
+    with pytest.raises(ConfigError, match=r"--synthetic-size: expected at most 500,000"):
+        EvalConfig(model="m.keras", synthetic_size=(8, config.MAX_SYNTHETIC_SIZE + 1))
+    assert TrainConfig(synthetic_size=(config.MAX_SYNTHETIC_SIZE, 1)).synthetic_size[0] == 500_000
+
+
+NOT_UTF8 = b"runs/r\xff".decode("utf-8", "surrogateescape")  # how argv holds a Latin-1 byte
+
+
+@pytest.mark.parametrize("option", ["--run-dir", "--output"])
+def test_output_paths_must_be_utf8(option, capsys):
+    """A non-UTF-8 byte in --run-dir failed with a ValueError inside `fit`, after
+    config.json was written."""
+    err = _cli_error([option, NOT_UTF8], capsys)
+    assert f"argument {option}: expected a path encodable as UTF-8" in err
+    name = option[2:].replace("-", "_")
+    with pytest.raises(ConfigError, match=f"{option}: expected a path encodable as UTF-8"):
+        TrainConfig(**{name: NOT_UTF8})
+    with pytest.raises(ConfigError, match=f"{option}: expected a path encodable as UTF-8"):
+        TrainConfig(**{name: "runs/\ud800"})  # a lone surrogate, not an undecodable byte
+    assert getattr(TrainConfig(**{name: "runs/r\u00e9sum\u00e9"}), name) == "runs/r\u00e9sum\u00e9"
+
+
+@pytest.mark.parametrize("option", ["--json", "--plots", "--export", "--export-tflite"])
+def test_evaluation_output_paths_must_be_utf8(option, capsys):
+    err = _cli_error(["m.keras", option, NOT_UTF8 + ".tflite"], capsys, EvalConfig, "evaluate.py")
+    assert f"argument {option}: expected a path encodable as UTF-8" in err
+
+
+def test_milestones_beyond_the_epochs_are_refused(capsys):
+    argv = ["--schedule", "multistep", "--epochs", "100", "--milestones", "60", "120"]
+    err = _cli_error(argv, capsys)
+    assert "--milestones 120 not below --epochs 100" in err
+    err = _cli_error([*argv[:4], "--milestones", "100000000000000000000000"], capsys)
+    assert "--milestones: expected an integer <= 2147483647" in err
+    with pytest.raises(ConfigError, match=r"--milestones: expected an integer <= 2147483647"):
+        TrainConfig(schedule="multistep", milestones=(1e23,))
+    with pytest.raises(ConfigError, match=r"--milestones 3 not below --epochs 3"):
+        TrainConfig(schedule="multistep", epochs=3, milestones=(2, 3))  # 3 would never act
+    assert TrainConfig(schedule="multistep", epochs=3, milestones=(2,)).milestones == (2,)
+    # other schedules do not use the milestones: the defaults stay valid with any --epochs
+    assert TrainConfig(epochs=1).milestones == (60, 120, 160)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"epochs": 1e23}, "--epochs: expected an integer <= 2147483647"),
+        ({"epochs": 2**31}, "received 2147483648"),
+        ({"warmup_steps": 10**30}, "--warmup-steps: expected an integer <= 2147483647"),
+        ({"steps_per_epoch": 2**40}, "--steps-per-epoch: expected an integer <= 2147483647"),
+        ({"batch_size": 2**31}, "--batch-size: expected an integer <= 2147483647"),
+    ],
+)
+def test_huge_integers_are_refused(kwargs, message):
+    with pytest.raises(ConfigError) as info:
+        TrainConfig(**kwargs)
+    assert message in str(info.value)
+
+
+def test_a_recipe_s_milestones_beyond_the_users_epochs_are_refused(capsys):
+    """--recipe official presets --milestones 60 120 160 for 200 epochs: with
+    --epochs 100 and no --milestones, a message, not a silent drop or rescale."""
+    err = _cli_error(["--recipe", "official", "--epochs", "100"], capsys)
+    assert "--recipe official presets --milestones 60 120 160 for its --epochs 200" in err
+    assert "with --epochs 100, milestone(s) 120 160 would never act" in err
+    assert "(e.g. 30 60 80, the recipe's scaled)" in err
+    with pytest.raises(ConfigError, match="--recipe official presets --milestones"):
+        TrainConfig.from_recipe("official", epochs=100)
+    c = TrainConfig.from_recipe("official", epochs=100, milestones=(30, 60, 80))
+    assert (c.epochs, c.milestones) == (100, (30, 60, 80))
+    c = cli.parse_config(TrainConfig, ["--recipe", "official", "--epochs", "161"], "train.py", "")
+    assert c.milestones == (60, 120, 160)
+    err = _cli_error(["--recipe", "official", "--epochs", "1"], capsys)
+    assert "No milestone can act in one epoch: give another --schedule" in err
+    # another schedule: the recipe's milestones are unused
+    c = TrainConfig.from_recipe("official", epochs=10, schedule="warmup-cosine")
+    assert c.epochs == 10
+
+
+def test_the_peak_learning_rate_must_be_finite(capsys):
+    """--lr 1e308 with batch 256 is inf after the linear scaling: refused at
+    validation, not at step 1."""
+    err = _cli_error(["--lr", "1e308", "--batch-size", "256"], capsys)
+    assert "--lr 1e+308 with --batch-size 256 gives a peak learning rate of inf" in err
+    assert "--lr-scaling linear" in err
+    assert TrainConfig(lr=1e308, batch_size=256, lr_scaling="none").peak_lr == 1e308
+    assert TrainConfig(lr=1e308, batch_size=128).peak_lr == 1e308

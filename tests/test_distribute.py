@@ -1,6 +1,7 @@
 """Precision/XLA choices and the tf.distribute strategies (two logical CPUs, two workers)."""
 
 import json
+import logging
 import socket
 import time
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 import nam_keras
+from nam_keras.errors import ConfigError
 from nam_keras.training import distribute
 
 
@@ -138,3 +140,38 @@ def test_tf_config_with_a_chief():
     )
     assert distribute.read_tf_config(text) == (["c:1", "w:2", "w:3"], 2)
     assert distribute.read_tf_config("") == ([], 0)
+
+
+def test_waiting_for_workers_is_logged(monkeypatch, caplog):
+    """A missing TF_CONFIG worker used to mean --cluster-timeout seconds of silence."""
+    monkeypatch.setattr(logging.getLogger("nam_keras"), "propagate", True)  # to caplog
+    caplog.set_level(logging.INFO, logger="nam_keras")
+    monkeypatch.setattr(distribute, "WAIT_LOG_INTERVAL", 0.3, raising=False)
+    monkeypatch.setattr(distribute, "unreachable_workers", lambda workers, index: [workers[1]])
+    workers = [f"127.0.0.1:{_free_ports(1)[0]}", "10.255.0.9:2222"]
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"worker\(s\) 10.255.0.9:2222 of TF_CONFIG did not"):
+        distribute.wait_for_workers(workers, 0, timeout=1.0)
+    assert time.monotonic() - start < 10
+    first, *others = caplog.messages
+    assert first == (
+        "waiting for worker(s) 10.255.0.9:2222 of TF_CONFIG (this is worker 0 of 2; "
+        "giving up after --cluster-timeout 1 s)"
+    )
+    assert 2 <= len(others) <= 4  # about every WAIT_LOG_INTERVAL s
+    assert all(m.startswith("still waiting for worker(s) 10.255.0.9:2222") for m in others)
+    assert others[-1].endswith("s of --cluster-timeout 1 s")
+
+
+def test_the_end_of_a_wait_is_logged_and_no_wait_is_silent(monkeypatch, caplog):
+    monkeypatch.setattr(logging.getLogger("nam_keras"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="nam_keras")
+    monkeypatch.setattr(distribute.time, "sleep", lambda s: None)
+    answers = iter([["b:2"], []])
+    monkeypatch.setattr(distribute, "unreachable_workers", lambda w, i: next(answers))
+    distribute.wait_for_workers([f"127.0.0.1:{_free_ports(1)[0]}", "b:2"], 0, timeout=5)
+    assert caplog.messages[-1] == "all 2 workers of TF_CONFIG are up"
+    caplog.clear()
+    monkeypatch.setattr(distribute, "unreachable_workers", lambda w, i: [])
+    distribute.wait_for_workers([f"127.0.0.1:{_free_ports(1)[0]}", "b:2"], 0, timeout=5)
+    assert caplog.messages == []

@@ -171,3 +171,46 @@ def test_report_paths_are_checked_before_the_evaluation(trained_model, tmp_path,
     assert evaluate.main(argv) == 2
     captured = capsys.readouterr()
     assert "does not exist" in captured.err and "top-1" not in captured.out
+
+
+def test_export_paths_are_checked_before_loading(tmp_path, capsys):
+    """--export FILE/sub failed with NotADirectoryError after the whole evaluation;
+    --export FILE was refused only after it. A missing model would be a ModelError:
+    the export path is refused before it is loaded."""
+    missing = str(tmp_path / "absent.keras")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert evaluate.main([missing, "--export", str(a_file / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot create folder '{a_file / 'sub'}': '{a_file}' is not a folder" in err
+    assert evaluate.main([missing, "--export", str(a_file)]) == 2
+    err = capsys.readouterr().err
+    assert "--export: " in err and "is a file; expected a folder" in err
+    assert evaluate.main([missing, "--export", str(tmp_path / ("x" * 300) / "v")]) == 2
+    assert "is longer than the 255 bytes" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing created
+
+
+@pytest.mark.parametrize(
+    "option, path, named, not_named",
+    [
+        ("export", "out", "--export: the TF Serving export needs", "LiteRT"),
+        ("export_tflite", "m.tflite", "--export-tflite: the LiteRT (TFLite) export", "TF Serving"),
+    ],
+)
+def test_the_backend_check_names_the_export_refused(
+    monkeypatch, tmp_path, option, path, named, not_named
+):
+    """On JAX, refusing --export-tflite spoke of "the TF Serving export"."""
+    from nam_keras.serving import export
+
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    config = EvalConfig(model=str(tmp_path / "m.keras"), **{option: str(tmp_path / path)})
+    with pytest.raises(ConfigError) as info:
+        evaluation.check_outputs(config)
+    message = str(info.value)
+    assert named in message and not_named not in message and "KERAS_BACKEND is 'jax'" in message
+    flag = "--" + option.replace("_", "-")
+    assert f"KERAS_BACKEND=tensorflow python evaluate.py MODEL {flag} " in message
+    with pytest.raises(ConfigError, match="--export-tflite: the LiteRT"):
+        export.check_backend("--export-tflite")

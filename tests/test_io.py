@@ -43,3 +43,42 @@ def test_check_writable_refuses_names_the_file_system_cannot_hold(tmp_path):
         io.check_writable(tmp_path / ("x" * 300 + ".keras"))
     with pytest.raises(ConfigError, match=r"expected a \.json file path"):
         io.check_writable(tmp_path, "a .json file path")
+
+
+def test_make_folder_checks_the_path_before_creating_anything(tmp_path):
+    """A 5,000-character --run-dir was refused only after 20 nested folders were made."""
+    deep = tmp_path.joinpath(*["d" * 240] * 21)  # every name fits, the path does not
+    with pytest.raises(ConfigError, match=r"the path is longer than 4096 bytes"):
+        io.make_folder(deep)
+    assert os.listdir(tmp_path) == []
+    long_name = tmp_path / "a" / "b" / ("x" * 300) / "c"
+    with pytest.raises(ConfigError, match=r"the name 'x{37}\.\.\.' is longer than the 255 bytes"):
+        io.make_folder(long_name)
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ConfigError, match=r"is not a folder"):
+        io.make_folder(tmp_path / "f" / "sub" / "run")
+    with pytest.raises(ConfigError, match=r"it is not a folder"):
+        io.make_folder(tmp_path / "f")
+    assert os.listdir(tmp_path) == ["f"]
+    io.make_folder(tmp_path / "a" / "b")
+    io.make_folder(tmp_path / "a" / "b")  # exists: fine
+    assert (tmp_path / "a" / "b").is_dir()
+
+
+def test_make_folder_removes_the_folders_it_made_when_it_fails_half_way(tmp_path, monkeypatch):
+    (tmp_path / "keep").mkdir()
+    mkdir, calls = os.mkdir, []
+
+    def failing_mkdir(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device", path)
+        return mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(io.os, "mkdir", failing_mkdir)
+    with pytest.raises(ConfigError, match=r"cannot create folder .*: No space left on device"):
+        io.make_folder(tmp_path / "keep" / "a" / "b" / "c" / "d")
+    monkeypatch.undo()
+    assert len(calls) == 3
+    assert os.listdir(tmp_path) == ["keep"] and os.listdir(tmp_path / "keep") == []

@@ -56,9 +56,20 @@ def fit_with_backups(model, paths, epochs):
     return model
 
 
+def test_unrecorded_backups_are_neither_read_nor_deleted(paths):
+    os.makedirs(paths.backup)
+    planted = run_directory.backup_path(paths.backup, 1)
+    with open(planted, "wb") as f:
+        f.write(b"someone else's")
+    assert paths.restore(tiny_model(), 5, STEPS) is None
+    run_directory.remove_backups(paths.backup)
+    assert os.listdir(paths.backup) == ["epoch-00001.weights.h5"]
+
+
 def test_epoch_backups_are_whole_named_by_epoch_and_two_are_kept(paths):
     fit_with_backups(tiny_model(), paths, epochs=3)
-    assert sorted(os.listdir(paths.backup)) == ["epoch-00002.weights.h5", "epoch-00003.weights.h5"]
+    backups = sorted(os.listdir(paths.backup))
+    assert backups == ["epoch-00002.weights.h5", "epoch-00003.weights.h5", "written.json"]
     assert [e for e, _ in run_directory.backups(paths.backup)] == [3, 2]
 
 
@@ -89,6 +100,7 @@ def test_no_loadable_backup_is_refused_naming_no_resume(paths):
     for epoch in (1, 2):
         with open(run_directory.backup_path(paths.backup, epoch), "wb") as f:
             f.write(b"not hdf5")
+    run_directory.adopt_earlier_backups(paths.backup)  # recorded as ours, damaged
     with pytest.raises(ConfigError, match=r"no backup in .* can be loaded: .*--no-resume"):
         paths.restore(tiny_model(), 5, STEPS)
 
@@ -98,6 +110,8 @@ def test_a_backup_whose_step_count_disagrees_with_its_epoch_is_not_trusted(paths
     os.rename(
         run_directory.backup_path(paths.backup, 1), run_directory.backup_path(paths.backup, 3)
     )
+    os.remove(os.path.join(paths.backup, run_directory.MANIFEST))
+    run_directory.adopt_earlier_backups(paths.backup)  # recorded as ours, wrongly named
     with pytest.raises(ConfigError, match=r"holds 2 optimizer steps, not the 3 x 2"):
         paths.restore(tiny_model(), 5, STEPS)
 
@@ -115,6 +129,8 @@ def test_keras_backup_of_earlier_versions_is_read(paths):
     )
     with open(os.path.join(paths.backup, "training_metadata.json"), "w") as f:
         json.dump({"epoch": 1, "batch": 0}, f)
+    os.remove(os.path.join(paths.backup, run_directory.MANIFEST))  # as an earlier version left it
+    run_directory.adopt_earlier_backups(paths.backup)  # what opening its run directory does
     assert paths.restore(tiny_model(seed=1), 3, STEPS) == 1
     for damaged in ("{broken", "{}", '{"epoch": "x"}'):
         with open(os.path.join(paths.backup, "training_metadata.json"), "w") as f:

@@ -133,7 +133,11 @@ def test_nan_loss_stops_and_keeps_last_good_backup(tmp_path, tiny_args, capsys):
     err = capsys.readouterr().err
     assert "the training loss became nan" in err and "epoch 3" in err
     backup = tmp_path / "run" / "backup"
-    assert sorted(os.listdir(backup)) == ["epoch-00001.weights.h5", "epoch-00002.weights.h5"]
+    assert sorted(os.listdir(backup)) == [
+        "epoch-00001.weights.h5",
+        "epoch-00002.weights.h5",
+        "written.json",
+    ]
     assert not (tmp_path / "run.keras").exists()
 
 

@@ -14,6 +14,12 @@ reads each run directory that `train.py` wrote (`config.json`, `log.csv`,
   parameters, forward multiply-adds per image, training images/s, best and
   final validation top-1/top-5, and the train-validation top-1 gap.
 
+A file that is not what train.py writes (damaged JSON or CSV, a list where a
+number or a name belongs, rows that do not fit the header, an epoch that is
+not a whole number) is a `ConfigError` naming the file; a figure that is merely
+missing (a column the log lacks, NA, empty, NaN or infinite; no summary.json)
+is a dash in the table and a gap in the plot.
+
 Nothing in it needs TensorFlow: it reads files and draws.
 """
 
@@ -22,12 +28,13 @@ import csv
 import json
 import math
 import os
+import re
 import statistics
 import sys
 
 from nam_keras import cli, io
 from nam_keras.errors import ConfigError
-from nam_keras.training.run_directory import RunDirectory, read_json
+from nam_keras.training.run_directory import RunDirectory
 
 PROG = "python -m nam_keras.reports.compare"
 COLUMNS = (
@@ -44,40 +51,158 @@ COLUMNS = (
     ("final_train_top1", "train top-1"),
     ("gap_top1", "train - val top-1"),
 )
+COUNTS = ("parameters", "multiply_adds")  # the summary.json figures the table shows
 
 
-def _number(text):
+#: the `log.csv` columns the report reads; any other column is left alone.
+FIGURES = ("lr", "top1", "top5", "val_top1", "val_top5", "train_images_per_s")
+FIGURES += ("nam_near_zero", "nam_max_weight")
+NOT_RUN = ("", "NA")  # Keras' CSVLogger writes NA for a figure it did not have that epoch
+EPOCH = re.compile(r"[0-9]{1,9}")
+
+
+def _show(value):
+    """`repr(value)`, cut short for a message."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _figure(path, line, key, text):
+    """One `log.csv` cell: a float, `None` when missing or not finite; `ConfigError` for text."""
+    if text.strip() in NOT_RUN:
+        return None
     try:
         value = float(text)
-    except (TypeError, ValueError):
-        return None
+    except ValueError:
+        raise ConfigError(f"{path}: line {line}: {key} {_show(text)} is not a number") from None
     return value if math.isfinite(value) else None
 
 
-def read_log(path):
-    """`log.csv` as `{column: [float or None per epoch]}` (`"epoch"` 1-based)."""
+def _epoch(path, line, text):
+    """One `log.csv` epoch (0-based there), 1-based; `ConfigError` unless a whole number."""
+    if not EPOCH.fullmatch(text.strip()):
+        raise ConfigError(f"{path}: line {line}: epoch {_show(text)} is not a whole number")
+    return int(text) + 1
+
+
+def _csv_lines(path):
+    """`[(line number, fields)]` of `path`, blank lines left out; `ConfigError` when unreadable."""
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            return [(reader.line_num, row) for row in reader if row]
+    except FileNotFoundError:
+        raise ConfigError(f"{path} is missing: the run has no epoch yet") from None
     except OSError as err:
         raise ConfigError(f"cannot read {path} ({err.strerror or err})") from None
-    if not rows:
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}): damaged") from None
+    except csv.Error as err:
+        raise ConfigError(f"{path} is not a CSV log of train.py ({err})") from None
+
+
+def _check_shape(path, header, body):
+    """`ConfigError` unless `header` names `epoch` and each figure once and rows fit it."""
+    if "epoch" not in header:
+        raise ConfigError(f"{path} has no 'epoch' column: not a log of train.py")
+    twice = [key for key in ("epoch", *FIGURES) if header.count(key) > 1]
+    if twice:
+        raise ConfigError(f"{path} names the column {twice[0]!r} twice: damaged")
+    for line, row in body:
+        if len(row) != len(header):
+            raise ConfigError(
+                f"{path}: line {line} has {len(row)} fields, the header {len(header)}: damaged"
+            )
+
+
+def read_log(path):
+    """`log.csv` as `{column: [float or None per epoch]}`: `"epoch"` (1-based) and
+    the `FIGURES` it has; a cell that is NA, empty, NaN or infinite is `None`."""
+    lines = _csv_lines(path)
+    if len(lines) < 2:
         raise ConfigError(f"{path} has no epoch yet: nothing to compare")
-    columns = {key: [_number(row.get(key)) for row in rows] for key in rows[0] if key}
-    columns["epoch"] = [int(e) + 1 for e in columns.get("epoch", range(len(rows)))]
+    (_, header), body = lines[0], lines[1:]
+    header = [name.strip() for name in header]
+    _check_shape(path, header, body)
+    index = header.index("epoch")
+    columns = {"epoch": [_epoch(path, line, row[index]) for line, row in body]}
+    for key in (k for k in FIGURES if k in header):
+        index = header.index(key)
+        columns[key] = [_figure(path, line, key, row[index]) for line, row in body]
     return columns
 
 
+def read_object(path):
+    """The JSON object in `path`, `None` when absent; `ConfigError` when it is not one."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except OSError as err:
+        raise ConfigError(f"cannot read {path} ({err.strerror or err})") from None
+    except (ValueError, RecursionError) as err:
+        deep = isinstance(err, RecursionError)
+        reason = "RecursionError: nested too deeply" if deep else f"{type(err).__name__}: {err}"
+        raise ConfigError(f"{path} is damaged ({reason}): not a file of train.py") from None
+    if not isinstance(value, dict):
+        kind = {list: "list", str: "string"}.get(type(value), "number or constant")
+        raise ConfigError(f"{path} is a JSON {kind}, not an object: not a file of train.py")
+    return value
+
+
+def _name(path, config, key):
+    """`config[key]`: a string, or `None` when absent; `ConfigError` for anything else."""
+    value = config.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{path}: {key!r} is {_show(value)}, not a name as train.py writes")
+    return value
+
+
+def _as_float(value):
+    """`float(value)` for a JSON number; `None` for a bool, text, a list, an int past floats."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return None
+
+
+def _count(path, summary, key):
+    """`summary[key]`: a number >= 0, `None` when absent or not finite; else `ConfigError`."""
+    value = summary.get(key)
+    number = _as_float(value)
+    if value is None or (number is not None and not math.isfinite(number)):
+        return None
+    if number is None or number < 0:
+        raise ConfigError(f"{path}: {key!r} is {_show(value)}, not a number >= 0")
+    return value
+
+
+def _complete(path, summary):
+    """`summary["complete"]`: `True`/`False` (absent: `False`); `ConfigError` for anything else."""
+    value = summary.get("complete", False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{path}: 'complete' is {_show(value)}, not true or false")
+    return value
+
+
 def read_run(run_dir):
-    """One run directory: its settings, its per-epoch log and its summary."""
-    paths = RunDirectory(run_dir, output="")  # its file names only; nothing is opened
+    """One run directory: its settings, its per-epoch log and its summary, checked;
+    `ConfigError` naming the file when one is not what train.py writes."""
     if not os.path.isdir(run_dir):
         raise ConfigError(f"{run_dir} is not a folder; expected a run directory of train.py")
-    config = read_json(paths.config_json, "the run's settings")
+    paths = RunDirectory(run_dir, output="")  # its file names only; nothing is opened
+    config = read_object(paths.config_json)
     if config is None:
         raise ConfigError(f"{run_dir} has no config.json: not a run directory of train.py")
-    summary = read_json(paths.summary_json, "the run's summary") or {}
-    return {"dir": run_dir, "config": config, "log": read_log(paths.log_csv), "summary": summary}
+    settings = {key: _name(paths.config_json, config, key) for key in ("model", "recipe")}
+    summary = read_object(paths.summary_json) or {}
+    figures = {key: _count(paths.summary_json, summary, key) for key in COUNTS}
+    figures["complete"] = _complete(paths.summary_json, summary)
+    log = read_log(paths.log_csv)
+    return {"dir": run_dir, "config": settings, "log": log, "summary": figures}
 
 
 def _last(values):
@@ -98,26 +223,31 @@ def _speed(values):
     return statistics.median(present) if present else None
 
 
+def _column(log, key):
+    """`log[key]`, or a `None` per epoch when the log has no such column."""
+    return log.get(key) or [None] * len(log["epoch"])
+
+
 def summarise(run):
     """The table row of one run (`None` where a figure is missing)."""
     log, summary, config = run["log"], run["summary"], run["config"]
-    val_top1 = log.get("val_top1", [])
+    val_top1 = _column(log, "val_top1")
     last_val = max((i for i, v in enumerate(val_top1) if v is not None), default=None)
-    train_at_val = log.get("top1", [None])[last_val] if last_val is not None else None
+    train_at_val = _column(log, "top1")[last_val] if last_val is not None else None
     final_val = val_top1[last_val] if last_val is not None else None
     return {
         "run": os.path.basename(os.path.normpath(run["dir"])),
-        "attention": config.get("model"),
-        "recipe": config.get("recipe", "default"),
-        "parameters": summary.get("parameters"),
-        "multiply_adds": summary.get("multiply_adds"),
-        "train_images_per_s": _speed(log.get("train_images_per_s", [])),
+        "attention": config["model"],
+        "recipe": config["recipe"] or "default",
+        "parameters": summary["parameters"],
+        "multiply_adds": summary["multiply_adds"],
+        "train_images_per_s": _speed(_column(log, "train_images_per_s")),
         "epochs": len(log["epoch"]),
-        "complete": bool(summary.get("complete")),
+        "complete": summary["complete"],
         "best_val_top1": _best(val_top1),
-        "best_val_top5": _best(log.get("val_top5", [])),
+        "best_val_top5": _best(_column(log, "val_top5")),
         "final_val_top1": final_val,
-        "final_val_top5": _last(log.get("val_top5", [])),
+        "final_val_top5": _last(_column(log, "val_top5")),
         "final_train_top1": train_at_val,
         "gap_top1": None if final_val is None or train_at_val is None else train_at_val - final_val,
     }
@@ -150,7 +280,7 @@ def markdown_table(rows):
 
 def _labels(runs):
     """A legend label per run: the attention module, plus the folder when two share it."""
-    names = [run["config"].get("model", "?") for run in runs]
+    names = [run["config"]["model"] or "?" for run in runs]
     return [
         f"{name} ({os.path.basename(os.path.normpath(run['dir']))})"
         if names.count(name) > 1
@@ -176,8 +306,8 @@ def plot_accuracy(runs, path):
         log = run["log"]
         for ax, metric in zip(axes, ("top1", "top5")):
             style = {"color": f"C{color}", "lw": 1.5}
-            ax.plot(log["epoch"], _percent(log.get(metric)), ls="--", **style)
-            val = _percent(log.get(f"val_{metric}"))
+            ax.plot(log["epoch"], _percent(_column(log, metric)), ls="--", **style)
+            val = _percent(_column(log, f"val_{metric}"))
             ax.plot(log["epoch"], val, ls="-", marker=".", ms=3, label=label, **style)
     for ax, title in zip(axes, ("top-1", "top-5")):
         ax.set_title(f"{title} accuracy: validation (solid), train (dashed)", fontsize=10)
@@ -198,7 +328,13 @@ def _style(ax):
 
 
 def _percent(values):
-    return [float("nan") if v is None else 100 * v for v in values or []]
+    """Fractions as percentages, `None` as NaN (a gap in the line)."""
+    return [float("nan") if v is None else 100 * v for v in values]
+
+
+def _floats(values):
+    """`None` as NaN (a gap in the line)."""
+    return [float("nan") if v is None else v for v in values]
 
 
 def plot_schedule(runs, path):
@@ -213,10 +349,10 @@ def plot_schedule(runs, path):
     axes = list(axes) if has_nam else [axes]
     for color, (label, run) in enumerate(zip(_labels(runs), runs)):
         log, style = run["log"], {"color": f"C{color}", "label": label, "alpha": 0.8}
-        axes[0].plot(log["epoch"], log.get("lr") or [float("nan")] * len(log["epoch"]), **style)
+        axes[0].plot(log["epoch"], _floats(_column(log, "lr")), **style)
         if has_nam and "nam_near_zero" in log:
             axes[1].plot(log["epoch"], _percent(log["nam_near_zero"]), **style)
-            axes[2].plot(log["epoch"], log["nam_max_weight"], **style)
+            axes[2].plot(log["epoch"], _floats(_column(log, "nam_max_weight")), **style)
     titles = ("learning rate (end of epoch)", "NAM channels near zero (%)", "NAM largest weight")
     ylabels = ("learning rate", "% of channels < 0.1 x uniform", "max weight / uniform")
     for ax, title, ylabel in zip(axes, titles, ylabels):

@@ -30,7 +30,7 @@ from nam_keras.cifar100 import (
     NUM_CLASSES,
 )
 from nam_keras.errors import ConfigError, ModelError
-from nam_keras.io import atomic_path, atomic_write_text, check_writable, make_folder
+from nam_keras.io import atomic_path, atomic_write_text, check_folder, check_writable, make_folder
 from nam_keras.models.resnet import nam_weight_figures
 
 logger = logging.getLogger("nam_keras")
@@ -75,7 +75,18 @@ def check_outputs(config):
     if config.export or config.export_tflite:
         from nam_keras.serving import export
 
-        export.check_backend()
+        for option, path in (
+            ("--export", config.export),
+            ("--export-tflite", config.export_tflite),
+        ):
+            if path:
+                export.check_backend(option)
+    if config.export:
+        if os.path.exists(config.export) and not os.path.isdir(config.export):
+            raise ConfigError(
+                f"--export: {config.export!r} is a file; expected a folder (its versions go in it)."
+            )
+        check_folder(config.export)  # creatable: no file above it, names not too long
     if config.export_tflite:
         check_writable(config.export_tflite, "a .tflite file path")
     if config.json:

@@ -15,14 +15,27 @@ from nam_keras.io import atomic_path, current_umask
 MAX_SERVING_BATCH = 1024
 
 
-def check_backend():
-    """`ConfigError` unless Keras runs on TensorFlow, which the SavedModel needs."""
+#: option -> (what it writes, its argument in the hint)
+EXPORT_OPTIONS = {
+    "--export": ("the TF Serving export", "DIR"),  # a SavedModel
+    "--export-tflite": ("the LiteRT (TFLite) export", "FILE.tflite"),
+}
+
+
+def check_backend(option="--export"):
+    """`ConfigError` unless Keras runs on TensorFlow, which both exports need.
+
+    Args:
+        option: the option refused, named in the message: `"--export"` (the
+            SavedModel) or `"--export-tflite"` (LiteRT).
+    """
+    what, argument = EXPORT_OPTIONS[option]
     backend = keras.backend.backend()
     if backend != "tensorflow":
         raise ConfigError(
-            f"the TF Serving export needs the TensorFlow backend; KERAS_BACKEND is {backend!r}. "
+            f"{option}: {what} needs the TensorFlow backend; KERAS_BACKEND is {backend!r}. "
             "A .keras file written under any backend loads there: run "
-            "KERAS_BACKEND=tensorflow python evaluate.py MODEL --export DIR."
+            f"KERAS_BACKEND=tensorflow python evaluate.py MODEL {option} {argument}."
         )
 
 
@@ -44,7 +57,7 @@ def export_saved_model(model, export_dir, verbose=False):
     version is overwritten. Returns the version's path. Needs the TensorFlow
     backend (`check_backend`).
     """
-    check_backend()
+    check_backend("--export")
     import tensorflow as tf
 
     export_dir = os.fspath(export_dir)
@@ -128,7 +141,7 @@ def export_tflite(model, path, quantize="none"):
     temporary name and renamed (`io.atomic_path`, which also gives it the
     permissions of any new file). Returns `path`.
     """
-    check_backend()
+    check_backend("--export-tflite")
     import tensorflow as tf
 
     if quantize not in TFLITE_QUANTIZATIONS:

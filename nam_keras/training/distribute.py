@@ -3,6 +3,7 @@ XLA, and the `tf.distribute` strategy (TensorFlow backend only)."""
 
 import contextlib
 import json
+import logging
 import os
 import threading
 import time
@@ -10,6 +11,11 @@ import time
 import keras
 
 from nam_keras.errors import ConfigError
+
+logger = logging.getLogger("nam_keras")
+
+#: seconds between the "still waiting" lines of `wait_for_workers`
+WAIT_LOG_INTERVAL = 10.0
 
 
 def backend():
@@ -252,16 +258,33 @@ def wait_for_workers(workers, index, timeout):
     Each worker answers on its own port meanwhile, so the workers find each
     other before any of them starts TensorFlow's server.
     """
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    deadline = start + timeout
+    next_log = None
     with _answering(workers[index]):
         while missing := unreachable_workers(workers, index):
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 raise ConfigError(
                     f"worker(s) {', '.join(missing)} of TF_CONFIG did not start within "
                     f"{timeout:g} s; start train.py on every machine of the cluster "
                     "(--cluster-timeout sets the wait)."
                 )
+            if next_log is None:
+                logger.info(
+                    f"waiting for worker(s) {', '.join(missing)} of TF_CONFIG (this is worker "
+                    f"{index} of {len(workers)}; giving up after --cluster-timeout {timeout:g} s)"
+                )
+                next_log = now + WAIT_LOG_INTERVAL
+            elif now >= next_log:
+                logger.info(
+                    f"still waiting for worker(s) {', '.join(missing)} of TF_CONFIG: "
+                    f"{now - start:.0f} s of --cluster-timeout {timeout:g} s"
+                )
+                next_log = now + WAIT_LOG_INTERVAL
             time.sleep(0.2)
+        if next_log is not None:
+            logger.info(f"all {len(workers)} workers of TF_CONFIG are up")
         time.sleep(1.0)  # the others see this one before it stops answering
 
 

@@ -211,7 +211,7 @@ def make_callbacks(config, devices, run, steps_per_epoch):
         callbacks.StopOnNonFiniteLoss(),
         callbacks.StopOnSignal(),
         run.callback(steps_per_epoch, config.epochs, scope=devices.strategy.scope),
-        keras.callbacks.CSVLogger(run.log_csv, append=True),
+        run.csv_logger(),
         keras.callbacks.TensorBoard(run.tensorboard),
     ]
 
@@ -309,7 +309,8 @@ def train(config):
     """
     devices = set_up_devices(config)
     _log_devices(devices)
-    io.check_writable(config.resolved_output)  # before the data: a bad path fails at once
+    io.check_folder(config.resolved_run_dir)  # before the data: bad paths fail at once
+    io.check_writable(config.resolved_output)
     train_ds, val_ds, n_train = load_datasets(config)
     resolved = resolved_config(config, devices, n_train)
     with RunDirectory.open(
@@ -326,5 +327,5 @@ def train(config):
                 f"this run is complete ({done['epochs']} epochs, model -> {done['output']});"
                 " nothing to do. Pass --no-resume to train it again."
             )
-            return TrainResult(model=keras.models.load_model(done["output"]), logs={}, summary=done)
+            return TrainResult(model=run.load_finished_model(), logs={}, summary=done)
         return _fit(config, devices, run, (train_ds, val_ds), resolved)

@@ -19,20 +19,28 @@ Rules that keep a user's work:
   previous one is kept;
 - resuming trusts a backup only when it loads and its optimizer step count
   matches its epoch; otherwise the previous one, otherwise a clear refusal;
-- only files this program wrote are ever deleted or replaced: a folder
-  without our `config.json` is never cleaned, an old `log.csv` is kept under
-  another name, and a finished run is not trained again over its model.
+- the run directory is ours alone: nothing is written, truncated or deleted
+  through a symbolic link (a folder whose entries where the run writes are
+  links is refused, naming them; the lock and the log are opened without
+  following links), and backups are deleted only when recorded in
+  `backup/written.json` as files this program wrote;
+- a file we did not write is never overwritten: a folder holding a
+  `config.json`, `log.csv` or `summary.json` that is not ours is refused, an
+  old `log.csv` is kept under another name;
+- a finished run is a record: re-running it with other settings or another
+  `--output` is refused with the differences listed, and it is never trained
+  again over its model.
 """
 
 import contextlib
 import csv
-import glob
 import json
 import logging
 import math
 import os
 import re
 import shutil
+import tempfile
 import time
 
 import keras
@@ -51,6 +59,14 @@ BACKUP_PATTERN = re.compile(r"^epoch-(\d{5,})\.weights\.h5$")
 LEGACY_BACKUP = ("latest.weights.h5", "training_metadata.json")  # Keras' BackupAndRestore
 #: How many epoch backups are kept (the newest may be lost to a full disk).
 KEEP_BACKUPS = 2
+#: In `backup/`: the names of the files this program wrote there (JSON).
+MANIFEST = "written.json"
+#: Key of `config.json` saying that backups are recorded (versions before did not:
+#: their backups are taken as theirs once, by name, when such a run is resumed).
+RECORD_KEY = "backups_recorded_in"
+#: What a run writes in its folder (`backup/`'s files are checked one by one).
+ENTRIES = (".lock", "config.json", "log.csv", "summary.json", "backup", "tensorboard")
+TENSORBOARD_FOLDERS = ("train", "validation")
 
 
 def backup_path(backup_dir, epoch):
@@ -65,7 +81,7 @@ def read_json(path, what):
     try:
         with open(path) as f:
             value = json.load(f)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: nested too deeply
         raise ConfigError(
             f"{path} ({what}) is damaged ({type(err).__name__}: {err}); pass --no-resume to "
             "start afresh or choose another --run-dir."
@@ -101,22 +117,62 @@ def backups(backup_dir):
     return sorted(found, reverse=True)
 
 
+def _manifest(backup_dir):
+    """The names recorded in `backup/written.json` (an empty set when absent or damaged)."""
+    try:
+        with open(os.path.join(backup_dir, MANIFEST)) as f:
+            names = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return set()
+    return {n for n in names if isinstance(n, str) and os.path.basename(n) == n}
+
+
+def _record(backup_dir, names):
+    """Records `names` (a set) as this program's files in `backup/`."""
+    text = json.dumps({"written_by": OWNER, "files": sorted(names)}, indent=1)
+    io.atomic_write_text(os.path.join(backup_dir, MANIFEST), text + "\n")
+
+
+def adopt_earlier_backups(backup_dir):
+    """Records the backups an earlier version of this program wrote without a
+    record (call it only for a run directory whose `config.json` is ours)."""
+    if os.path.isdir(backup_dir) and not os.path.exists(os.path.join(backup_dir, MANIFEST)):
+        names = [os.path.basename(p) for _, p in backups(backup_dir)]
+        names += [
+            n
+            for n in (LEGACY_BACKUP[1], LEGACY_BACKUP[0] + ".bkp", LEGACY_BACKUP[1] + ".bkp")
+            if os.path.isfile(os.path.join(backup_dir, n))
+        ]
+        if names:
+            _record(backup_dir, set(names))
+
+
 def remove_backups(backup_dir, keep=0):
-    """Deletes this program's backup files but the newest `keep`, and its
-    leftover temporary files; never other files. With `keep=0` the folder
-    goes too, when nothing else is in it."""
-    names = [os.path.basename(p) for _, p in backups(backup_dir)]
-    doomed = names[keep:] + [
-        os.path.basename(p) for p in glob.glob(os.path.join(backup_dir, ".tmp-*"))
-    ]
+    """Deletes this program's backups but the newest `keep`: only regular files
+    recorded in `backup/written.json`, never through a link and never anything
+    else (a temporary file left by a kill is recorded before it is written).
+    With `keep=0` every recorded file, the record and the folder go, the folder
+    only when nothing else is in it."""
+    if os.path.islink(backup_dir) or not os.path.isdir(backup_dir):
+        return
+    recorded = _manifest(backup_dir)
+    newest_first = [os.path.basename(p) for _, p in backups(backup_dir)]
+    ours = [n for n in newest_first if n in recorded]
+    doomed = set(ours[keep:]) | {n for n in recorded if n.startswith(".tmp-")}
     if keep == 0:
-        doomed += [LEGACY_BACKUP[1], LEGACY_BACKUP[1] + ".bkp", LEGACY_BACKUP[0] + ".bkp"]
+        doomed = set(recorded)
     for name in doomed:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(backup_dir, name))
+        path = os.path.join(backup_dir, name)
+        if os.path.isfile(path) and not os.path.islink(path):
+            os.remove(path)
+    left = recorded - doomed
     if keep == 0:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(backup_dir, MANIFEST))
         with contextlib.suppress(OSError):
             os.rmdir(backup_dir)  # only when nothing else is in it
+    elif left != recorded:
+        _record(backup_dir, left)
 
 
 def disk_needed(model):
@@ -212,6 +268,7 @@ class RunDirectory:
         created = not os.path.exists(run.run_dir)
         io.make_folder(run.run_dir)
         try:
+            run._refuse_links()
             with run._lock():
                 run._prepare(resume)
                 run._check_and_record(settings, resume_keys, resume, defaults or {})
@@ -225,10 +282,13 @@ class RunDirectory:
         """An advisory `fcntl` lock on `.lock`; a second holder is refused."""
         import fcntl
 
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
         try:
-            handle = open(self.lock_file, "a+")  # noqa: SIM115 - held for the whole block
+            handle = os.fdopen(os.open(self.lock_file, flags, 0o644), "r+")
         except OSError as err:
-            raise ConfigError(f"cannot use run directory {self.run_dir}: {err.strerror}.") from None
+            raise ConfigError(
+                f"cannot use run directory {self.run_dir}: {self.lock_file}: {err.strerror}."
+            ) from None
         try:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -248,9 +308,39 @@ class RunDirectory:
         finally:
             handle.close()
 
+    def _refuse_links(self):
+        """Refuses symbolic links where the run writes: it never writes through one."""
+        paths = [os.path.join(self.run_dir, name) for name in ENTRIES]
+        paths += [os.path.join(self.tensorboard, name) for name in TENSORBOARD_FOLDERS]
+        if os.path.isdir(self.backup) and not os.path.islink(self.backup):
+            paths += [os.path.join(self.backup, name) for name in os.listdir(self.backup)]
+        links = [p for p in paths if os.path.islink(p)]
+        if links:
+            raise ConfigError(
+                f"{self.run_dir} holds symbolic links where train.py writes ({', '.join(links)}); "
+                "it never writes or deletes through a link. Remove them or choose another "
+                "--run-dir."
+            )
+
+    def _refuse_foreign_files(self):
+        """Refuses a folder holding a settings, log or summary file that train.py did not
+        write: it is never overwritten."""
+        names = ("config.json", "log.csv", "summary.json")
+        present = [n for n in names if os.path.exists(os.path.join(self.run_dir, n))]
+        if present and not self.owned():
+            raise ConfigError(
+                f"{self.run_dir} holds {', '.join(present)} that train.py did not write (no "
+                f"config.json of ours); they are left alone. Choose another --run-dir, or move "
+                "them away."
+            )
+
     def _prepare(self, resume):
         try:
             self._check_layout()
+            self._set_aside_damaged_settings(resume)
+            self._refuse_foreign_files()
+            if self.owned() and not self._records_backups():
+                adopt_earlier_backups(self.backup)
             if not resume:
                 self._start_afresh()
         except OSError as err:
@@ -271,6 +361,23 @@ class RunDirectory:
                     f"{path} should be a {kind} of the run directory; move it away or choose "
                     "another --run-dir."
                 )
+
+    def _set_aside_damaged_settings(self, resume):
+        """With `resume=False`, a damaged `config.json` is kept as a copy (starting
+        afresh would replace it); with `resume=True`, `read_json` says it is damaged."""
+        try:
+            read_json(self.config_json, "the run's settings")
+        except ConfigError:
+            if resume:
+                raise
+            kept = _set_aside(self.config_json, "damaged")
+            logger.info(f"the damaged {self.config_json} is kept as {kept}")
+
+    def _records_backups(self):
+        """True when `config.json` was written by a version that records its backups."""
+        with contextlib.suppress(ConfigError):
+            return RECORD_KEY in (read_json(self.config_json, "the run's settings") or {})
+        return False
 
     def owned(self):
         """True when `config.json` says train.py wrote this run directory."""
@@ -330,15 +437,43 @@ class RunDirectory:
 
     def _check_and_record(self, settings, keys, resume, defaults):
         done = self.completed() if resume else None
-        if done is not None and done["output"] == self.output:
-            self.check_resumable(settings, keys, defaults)
+        if done is not None:
+            self._check_finished(done, settings, keys, defaults)
             remove_backups(self.backup)  # leftovers of a run stopped while cleaning up
             self.finished = done
             return
         if resume and backups(self.backup):
             self.check_resumable(settings, keys, defaults)
-        text = json.dumps({OWNER_KEY: OWNER, **settings}, indent=2, default=str)
+        record = {OWNER_KEY: OWNER, RECORD_KEY: f"backup/{MANIFEST}", **settings}
+        text = json.dumps(record, indent=2, default=str)
         io.atomic_write_text(self.config_json, text + "\n")
+
+    def _check_finished(self, done, settings, keys, defaults):
+        """A finished run is a record: the same settings and `--output`, or a refusal."""
+        old = {**defaults, **(read_json(self.config_json, "the run's settings") or {})}
+        changed = {k: (old.get(k), settings[k]) for k in keys if old.get(k) != settings[k]}
+        if self.output != done["output"]:
+            changed["output"] = (done["output"], self.output)
+        if changed:
+            raise ConfigError(
+                f"{self.run_dir} holds a finished run ({done.get('epochs')} epochs, model "
+                f"{done['output']}); this command differs in {changed} (as (recorded, now)). A "
+                "finished run is a record: choose another --run-dir, or pass --no-resume to train "
+                "again in this one (its log is kept)."
+            )
+
+    def load_finished_model(self):
+        """The model of the finished run (`finished`); `ConfigError` naming the way
+        out when it cannot be loaded."""
+        path = self.finished["output"]
+        try:
+            return keras.models.load_model(path)
+        except Exception as err:
+            raise ConfigError(
+                f"{path}, the model of the finished run in {self.run_dir}, cannot be loaded "
+                f"({type(err).__name__}: {err}); its backups are gone. Pass --no-resume to train "
+                "it again (the log is kept), or restore the file."
+            ) from None
 
     def _remove_if_unused(self):
         with contextlib.suppress(OSError):
@@ -351,6 +486,11 @@ class RunDirectory:
         """The Keras callback that restores when training begins and backs up
         after every epoch (`EpochBackup`)."""
         return EpochBackup(self, steps_per_epoch, epochs, scope)
+
+    def csv_logger(self):
+        """`keras.callbacks.CSVLogger` on `log.csv`, appending, opened without
+        following a link (`CSVLog`)."""
+        return CSVLog(self.log_csv, append=True)
 
     def check_free_space(self, model):
         """Refuses to start when the disk cannot hold the backups and the model."""
@@ -365,7 +505,8 @@ class RunDirectory:
 
     def restore(self, model, epochs, steps_per_epoch):
         """Loads the newest backup that is whole into `model` (optimizer
-        included) and keeps the log rows of the epochs it holds.
+        included) and keeps the log rows of the epochs it holds. Only backups
+        recorded as this program's are read.
 
         Without a backup, an existing `log.csv` is set aside, so the run's log
         starts afresh.
@@ -376,7 +517,8 @@ class RunDirectory:
         Raises:
             ConfigError: a backup beyond `epochs`, or no backup that loads.
         """
-        candidates = backups(self.backup)
+        recorded = _manifest(self.backup)
+        candidates = [(e, p) for e, p in backups(self.backup) if os.path.basename(p) in recorded]
         if not candidates:
             if os.path.exists(self.log_csv):  # rows of no backup: not this run's log
                 kept = _set_aside(self.log_csv, "previous")
@@ -421,11 +563,37 @@ class RunDirectory:
         io.atomic_write_text(self.log_csv, "".join(",".join(r) + "\n" for r in kept))
 
     def write_backup(self, model, epochs_done):
-        """Writes the backup after `epochs_done` epochs, whole or not at all,
-        and keeps the newest `KEEP_BACKUPS`."""
-        os.makedirs(self.backup, exist_ok=True)
-        with io.atomic_path(backup_path(self.backup, epochs_done), suffix=".weights.h5") as tmp:
-            model.save_weights(tmp)
+        """Writes the backup after `epochs_done` epochs, whole or not at all, and
+        keeps the newest `KEEP_BACKUPS`. The file is first a new temporary one,
+        recorded before it is written, then renamed.
+
+        Raises:
+            ConfigError: the disk is full or the folder refuses the file (the
+                previous backup is kept; the message says how to resume).
+        """
+        try:
+            if os.path.islink(self.backup):
+                raise OSError(f"{self.backup} became a symbolic link")
+            os.makedirs(self.backup, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.backup, prefix=".tmp-", suffix=".weights.h5")
+            os.close(fd)
+            recorded = _manifest(self.backup) | {os.path.basename(tmp)}
+            _record(self.backup, recorded)
+            try:
+                model.save_weights(tmp)
+                final = backup_path(self.backup, epochs_done)
+                os.replace(tmp, final)
+            finally:
+                if os.path.isfile(tmp):
+                    os.remove(tmp)
+            _record(self.backup, recorded - {os.path.basename(tmp)} | {os.path.basename(final)})
+        except OSError as err:
+            raise ConfigError(
+                f"could not write the backup after epoch {epochs_done} to {self.backup} "
+                f"({getattr(err, 'strerror', None) or err}); training stopped, the previous "
+                "backup is kept. Free some space (or fix the cause) and re-run the same command: "
+                "it resumes from the last backup."
+            ) from None
         remove_backups(self.backup, keep=KEEP_BACKUPS)
 
     # === finish ===
@@ -521,3 +689,21 @@ class EpochBackup(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.run.write_backup(self.model, epoch + 1)
+
+
+class CSVLog(keras.callbacks.CSVLogger):
+    """`keras.callbacks.CSVLogger` that appends to its file and never writes
+    through a symbolic link (the file is opened with `O_NOFOLLOW`)."""
+
+    def on_train_begin(self, logs=None):
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(self.filename, flags, 0o644)
+        except OSError as err:
+            raise ConfigError(f"cannot write the log {self.filename}: {err.strerror}.") from None
+        if self.csv_file and not self.csv_file.closed:
+            self.csv_file.close()
+        self.append_header = os.fstat(fd).st_size == 0
+        self.csv_file = os.fdopen(fd, "a")
+        self.writer = None
+        self.keys = None

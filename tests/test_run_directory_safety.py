@@ -1,0 +1,178 @@
+"""The run directory is ours alone: links and files someone else put there.
+
+Every name `train.py` writes is planted as a symbolic link to a sibling folder,
+or as a file of the user's; the run must refuse, change nothing outside its
+folder and lose nothing of the user's. Then finished runs as records, a
+damaged final model and a full disk during a backup.
+"""
+
+import errno
+import hashlib
+import json
+import os
+
+import keras
+import pytest
+
+import train
+
+ONE_EPOCH = ["--epochs", "1", "--steps-per-epoch", "1", "--val-freq", "0"]
+TWO_EPOCHS = ["--epochs", "2", "--steps-per-epoch", "1", "--val-freq", "0"]
+
+#: Every name the run writes in its folder, and what a link there points at.
+WRITTEN = {
+    ".lock": "file",
+    "config.json": "file",
+    "log.csv": "file",
+    "summary.json": "file",
+    "backup": "folder",
+    "tensorboard": "folder",
+    "tensorboard/train": "folder",
+    "tensorboard/validation": "folder",
+    "backup/epoch-00001.weights.h5": "file",
+    "backup/written.json": "file",
+}
+
+
+def snapshot(folder):
+    """{relative path: sha256} of every file under `folder` (links not followed)."""
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+@pytest.fixture
+def outside(tmp_path):
+    """A sibling folder with the files an attacker would like us to overwrite or delete."""
+    root = tmp_path / "outside"
+    (root / "folder").mkdir(parents=True)
+    (root / "victim.txt").write_text("precious\n")
+    for name in ("training_metadata.json", "latest.weights.h5.bkp", ".tmp-abc", "written.json"):
+        (root / "folder" / name).write_text(f"someone's {name}\n")
+    (root / "folder" / "epoch-00001.weights.h5").write_text("not ours\n")
+    return root
+
+
+@pytest.mark.parametrize("entry", sorted(WRITTEN))
+def test_a_link_where_the_run_writes_is_refused_and_nothing_outside_changes(
+    tmp_path, tiny_args, capsys, outside, entry
+):
+    link = tmp_path / "run" / entry
+    link.parent.mkdir(parents=True, exist_ok=True)
+    target = outside / ("folder" if WRITTEN[entry] == "folder" else "victim.txt")
+    os.symlink(target, link)
+    before = snapshot(outside)
+    assert train.main(tiny_args(*ONE_EPOCH)) == 2
+    err = capsys.readouterr().err
+    assert "holds symbolic links where train.py writes" in err and str(link) in err
+    assert "Traceback" not in err
+    assert snapshot(outside) == before
+    assert os.path.islink(link)  # left as it was
+    assert not (tmp_path / "run.keras").exists()
+
+
+@pytest.mark.parametrize("resume", [True, False])
+@pytest.mark.parametrize(
+    "name, content",
+    [("config.json", '{"my": "settings"}\n'), ("log.csv", "a,b\n1,2\n"), ("summary.json", "{}\n")],
+)
+def test_a_file_train_py_did_not_write_is_refused_and_kept(
+    tmp_path, tiny_args, capsys, name, content, resume
+):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / name).write_text(content)
+    extra = [] if resume else ["--no-resume"]
+    assert train.main(tiny_args(*ONE_EPOCH, *extra)) == 2
+    err = capsys.readouterr().err
+    assert f"holds {name} that train.py did not write" in err
+    assert (run / name).read_text() == content
+    assert sorted(os.listdir(run)) == [".lock", name]
+
+
+def test_a_damaged_settings_file_is_kept_when_starting_afresh(tmp_path, tiny_args, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"written_by": "nam-keras train.py", "dep')
+    assert train.main(tiny_args(*ONE_EPOCH)) == 2  # resuming: it says it is damaged
+    assert "config.json (the run's settings) is damaged" in capsys.readouterr().err
+    assert train.main(tiny_args(*ONE_EPOCH, "--no-resume")) == 0
+    kept = [n for n in os.listdir(run) if n.startswith("config-damaged-")]
+    assert len(kept) == 1 and (run / kept[0]).read_text().endswith('"dep')
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_a_record(tmp_path, tiny_args, capsys):
+    run = tmp_path / "run"
+    assert train.main(tiny_args(*ONE_EPOCH)) == 0
+    record = snapshot(run)
+    capsys.readouterr()
+    other_output = [*tiny_args(*ONE_EPOCH), "--output", str(tmp_path / "other.keras")]
+    for args, changed in [
+        (other_output, "'output'"),
+        (tiny_args(*ONE_EPOCH, "--lr", "0.5"), "'lr'"),
+        (tiny_args(*TWO_EPOCHS), "'epochs'"),
+    ]:
+        assert train.main(args) == 2
+        err = capsys.readouterr().err
+        assert "holds a finished run" in err and changed in err and "--no-resume" in err
+    assert snapshot(run) == record  # nothing written, nothing trained
+    assert not (tmp_path / "other.keras").exists()
+    assert train.main(tiny_args(*ONE_EPOCH)) == 0  # the same command: nothing to do
+    assert "this run is complete" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_damaged_model_of_a_finished_run_names_the_way_out(tmp_path, tiny_args, capsys):
+    assert train.main(tiny_args(*ONE_EPOCH)) == 0
+    (tmp_path / "run.keras").write_bytes(b"PK\x03\x04 damaged")
+    capsys.readouterr()
+    assert train.main(tiny_args(*ONE_EPOCH)) == 2
+    err = capsys.readouterr().err
+    assert "the model of the finished run" in err and "cannot be loaded" in err
+    assert "--no-resume" in err and "Traceback" not in err
+    assert train.main(tiny_args(*ONE_EPOCH, "--no-resume")) == 0
+    keras.models.load_model(tmp_path / "run.keras")
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_backup_stops_clearly_and_the_rerun_resumes(
+    tmp_path, tiny_args, capsys, monkeypatch
+):
+    save = keras.Model.save_weights
+    calls = []
+
+    def full_after_the_first(self, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "save_weights", full_after_the_first)
+    assert train.main(tiny_args(*TWO_EPOCHS)) == 2
+    err = capsys.readouterr().err
+    assert "could not write the backup after epoch 2" in err
+    assert "No space left on device" in err and "re-run the same command" in err
+    backup = tmp_path / "run" / "backup"
+    assert sorted(os.listdir(backup)) == ["epoch-00001.weights.h5", "written.json"]
+    monkeypatch.setattr(keras.Model, "save_weights", save)
+    assert train.main(tiny_args(*TWO_EPOCHS)) == 0
+    assert "resuming from the backup" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["optimizer_steps"] == 2
+
+
+@pytest.mark.slow
+def test_only_recorded_backups_are_deleted(tmp_path, tiny_args):
+    backup = tmp_path / "run" / "backup"
+    assert train.main(tiny_args(*TWO_EPOCHS, "--epochs", "1")) == 0
+    # a finished run dropped its backups; a file someone puts there later survives
+    backup.mkdir()
+    (backup / "epoch-00009.weights.h5").write_text("someone's\n")
+    assert train.main(tiny_args(*TWO_EPOCHS, "--no-resume")) == 0
+    assert os.listdir(backup) == ["epoch-00009.weights.h5"]
+    assert (backup / "epoch-00009.weights.h5").read_text() == "someone's\n"
