@@ -158,7 +158,7 @@ def test_waiting_for_workers_is_logged(monkeypatch, caplog):
         "waiting for worker(s) 10.255.0.9:2222 of TF_CONFIG (this is worker 0 of 2; "
         "giving up after --cluster-timeout 1 s)"
     )
-    assert 2 <= len(others) <= 4  # about every WAIT_LOG_INTERVAL s
+    assert 1 <= len(others) <= 6  # about every WAIT_LOG_INTERVAL s (loose: a loaded machine)
     assert all(m.startswith("still waiting for worker(s) 10.255.0.9:2222") for m in others)
     assert others[-1].endswith("s of --cluster-timeout 1 s")
 

@@ -197,9 +197,12 @@ def test_a_finished_run_is_never_trained_again_over_its_model(tmp_path, tiny_arg
     stamp = model_path.stat().st_mtime_ns
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["complete"] and summary["optimizer_steps"] == 4
-    # what a kill while the backup was being deleted used to leave behind
+    # what a kill while the backups were being deleted leaves behind: a recorded one
     (tmp_path / "run" / "backup").mkdir()
-    (tmp_path / "run" / "backup" / "training_metadata.json").write_text('{"epoch": 2, "batch": 0}')
+    (tmp_path / "run" / "backup" / "epoch-00002.weights.h5").write_bytes(b"cut")
+    (tmp_path / "run" / "backup" / "written.json").write_text(
+        '{"files": ["epoch-00002.weights.h5"]}'
+    )
     capsys.readouterr()
     assert train.main(args) == 0
     assert "this run is complete (2 epochs" in capsys.readouterr().out
@@ -287,6 +290,8 @@ def test_a_damaged_run_directory_is_a_clear_error(tmp_path, tiny_args, capsys, d
         (run / "backup").mkdir()
         for epoch in (1, 2):
             (run / "backup" / f"epoch-{epoch:05d}.weights.h5").write_bytes(b"\x89HDF\r\n cut")
+        names = [f"epoch-{epoch:05d}.weights.h5" for epoch in (1, 2)]
+        (run / "backup" / "written.json").write_text(json.dumps({"files": names}))  # ours
     if damage == "config":
         (run / "config.json").write_text('{"written_by": "nam-keras train.py", "depth"')
     capsys.readouterr()
