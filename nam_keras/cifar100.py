@@ -10,7 +10,7 @@ IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 100
 #: Examples per split of the full dataset.
 FULL_SIZES = {"train": 50_000, "test": 10_000}
-#: Channel mean and standard deviation on the [0, 1] scale (SPEC section 4).
+#: Channel mean and standard deviation of the training images on the [0, 1] scale.
 MEAN = (0.5071, 0.4865, 0.4409)
 STD = (0.1942, 0.1918, 0.1958)
 

@@ -119,13 +119,17 @@ def parse_config(config_class, argv, prog, description):
     """
     parser = build_parser(config_class, prog, description)
     values = _config_values(parser.parse_args(argv))
+    explicit = build_parser(config_class, prog, description, explicit_only=True)
+    given = _config_values(explicit.parse_args(argv))
+    given.pop("recipe", None)
     try:
-        if "recipe" not in values:
-            return config_class(**values)
-        explicit = build_parser(config_class, prog, description, explicit_only=True)
-        given = _config_values(explicit.parse_args(argv))
-        given.pop("recipe", None)
-        return config_class.from_recipe(values["recipe"], **given)
+        if "recipe" in values:
+            config = config_class.from_recipe(values["recipe"], **given)
+        else:
+            config = config_class(**values)
+        if hasattr(config, "check_given"):
+            config.check_given(given)
+        return config
     except ConfigError as err:
         parser.error(str(err))
 

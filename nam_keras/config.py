@@ -167,7 +167,7 @@ def _float(value, what):
 RECIPES = {
     # This project's defaults: LR 0.1 per 128 images, 2,000 warmup steps, cosine to 0.
     "default": {},
-    # The Paddle write-ups (SPEC, shared/reference): Momentum(LinearWarmup(
+    # The Paddle write-ups the project started from: Momentum(LinearWarmup(
     # CosineAnnealingDecay(0.01, 300), 2000)), the warmup stepped per batch, the
     # cosine per epoch; batch 256; the full reference augmentation.
     "seed": {
@@ -400,7 +400,7 @@ class TrainConfig(DataConfig):
     )
     augment: str = setting(
         "reference",
-        "reference: crop, flip, rotation, brightness, contrast (SPEC); crop-flip: the "
+        "reference: per-image crop, flip, rotation, brightness, contrast; crop-flip: the "
         "official NAM code's; none",
         "optimisation",
         choices=AUGMENTATIONS,
@@ -538,18 +538,25 @@ class TrainConfig(DataConfig):
                 f"never act. Give milestones < {self.epochs}, or more --epochs."
             )
 
-    def _check_attention_options(self):
-        """Refuses a module's option set (away from its default) for another module."""
+    def _check_attention_options(self, given=()):
+        """Refuses a module's option for another module: set away from its default,
+        or named in `given` (the options typed on a command line)."""
         own = ATTENTION_OPTIONS.get(self.model, {})
         fields = {f.name: f for f in dataclasses.fields(self)}
         for module, options in ATTENTION_OPTIONS.items():
             for name in options:
                 field = fields[name]
-                if name not in own and getattr(self, name) != field.default:
+                changed = getattr(self, name) != field.default or name in given
+                if name not in own and changed:
                     raise ConfigError(
                         f"{flag(field)} is an option of --attention {module} only; received it "
                         f"with --attention {self.model}, which does not use it. Drop it."
                     )
+
+    def check_given(self, given):
+        """Refuses options typed on the command line that this run does not use,
+        even where they equal the default (`cli.parse_config` calls it)."""
+        self._check_attention_options(given)
 
     # === derived ===
     @property

@@ -191,11 +191,12 @@ def test_milestones_must_increase():
 def test_choice_lists_are_the_registries():
     """config.py writes the choices out (parsing imports no Keras); each list is
     its registry's, so a new module, depth, stem, recipe or schedule is offered."""
-    from nam_keras.data import pipeline
+    from nam_keras.data import pipeline, sources
     from nam_keras.layers.attention import ATTENTIONS
     from nam_keras.models import resnet
     from nam_keras.training import schedules
 
+    assert config.DATASETS == sources.SOURCES
     assert set(config.MODELS) == set(ATTENTIONS) | {"baseline"}
     assert tuple(sorted(resnet.RESNET_CONFIGS)) == config.DEPTHS
     assert config.STEMS == resnet.STEMS
@@ -311,3 +312,10 @@ def test_the_peak_learning_rate_must_be_finite(capsys):
     assert "--lr-scaling linear" in err
     assert TrainConfig(lr=1e308, batch_size=256, lr_scaling="none").peak_lr == 1e308
     assert TrainConfig(lr=1e308, batch_size=128).peak_lr == 1e308
+
+
+def test_a_typed_option_of_another_module_is_refused_even_at_its_default(capsys):
+    with pytest.raises(SystemExit) as info:
+        train.main(["--attention", "se", "--sparsity", "1e-4"])
+    assert info.value.code == 2
+    assert "--sparsity is an option of --attention nam only" in capsys.readouterr().err

@@ -35,11 +35,14 @@ WRITTEN = {
 
 
 def snapshot(folder):
-    """{relative path: sha256} of every file under `folder` (links not followed)."""
+    """{relative path: sha256 of a file, or the target of a link} under `folder`."""
     out = {}
-    for root, dirs, files in os.walk(folder):
+    for root, dirs, files in os.walk(folder):  # does not descend into linked folders
         for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
             path = os.path.join(root, name)
+            if os.path.islink(path):
+                out[os.path.relpath(path, folder)] = "-> " + os.readlink(path)
+                continue
             with open(path, "rb") as f:
                 out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
     return out
@@ -91,7 +94,7 @@ def test_a_file_train_py_did_not_write_is_refused_and_kept(
     err = capsys.readouterr().err
     assert f"holds {name} that train.py did not write" in err
     assert (run / name).read_text() == content
-    assert sorted(os.listdir(run)) == [".lock", name]
+    assert os.listdir(run) == [name]  # not even the lock file is left behind
 
 
 def test_a_damaged_settings_file_is_kept_when_starting_afresh(tmp_path, tiny_args, capsys):
@@ -176,3 +179,24 @@ def test_only_recorded_backups_are_deleted(tmp_path, tiny_args):
     assert train.main(tiny_args(*TWO_EPOCHS, "--no-resume")) == 0
     assert os.listdir(backup) == ["epoch-00009.weights.h5"]
     assert (backup / "epoch-00009.weights.h5").read_text() == "someone's\n"
+
+
+@pytest.mark.slow
+def test_a_finished_run_whose_model_is_missing_is_not_trained_again(tmp_path, tiny_args, capsys):
+    assert train.main(tiny_args(*ONE_EPOCH)) == 0
+    record = snapshot(tmp_path / "run")
+    os.remove(tmp_path / "run.keras")
+    capsys.readouterr()
+    assert train.main(tiny_args(*ONE_EPOCH, "--lr", "0.5")) == 2
+    err = capsys.readouterr().err
+    assert "holds a finished run whose model" in err and "is missing" in err
+    assert snapshot(tmp_path / "run") == record
+
+
+def test_a_lock_file_train_py_did_not_write_is_refused_and_kept(tmp_path, tiny_args, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text("my notes\n")
+    assert train.main(tiny_args(*ONE_EPOCH)) == 2
+    assert "is not a lock file of train.py" in capsys.readouterr().err
+    assert (run / ".lock").read_text() == "my notes\n"

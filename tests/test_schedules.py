@@ -511,3 +511,21 @@ def test_a_model_trained_with_the_callback_saves_and_reloads_its_optimizer(tmp_p
     assert int(ops.convert_to_numpy(loaded.optimizer.iterations)) == 6
     for got, want in zip(loaded.optimizer.variables, model.optimizer.variables):
         np.testing.assert_array_equal(ops.convert_to_numpy(got), ops.convert_to_numpy(want))
+
+
+def test_each_fit_trains_with_its_own_schedule():
+    """`fit` compiles its step before the callbacks begin: the callback makes it
+    again, and the next `fit` does not keep a schedule it was not given."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 2)).astype("float32"), rng.normal(size=(8, 1)).astype("float32")
+    model = sgd_model()
+    fit = lambda *callbacks: model.fit(x, y, batch_size=8, verbose=0, callbacks=list(callbacks))
+    fit()  # the plain optimizer: LR 0, nothing moves
+    before = [w.copy() for w in model.get_weights()]
+    fit(schedules.MultiStep(0.1, 1, milestones=[5]))  # LR 0.1 for this fit
+    after = model.get_weights()
+    assert not np.allclose(before[0], after[0])
+    fit(schedules.MultiStep(0.0, 1, milestones=[5]))  # LR 0: nothing moves
+    np.testing.assert_array_equal(after[0], model.get_weights()[0])
+    fit()  # no schedule any more: the optimizer's float rate (the last step's, 0)
+    np.testing.assert_array_equal(after[0], model.get_weights()[0])

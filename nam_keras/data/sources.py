@@ -15,9 +15,11 @@ import zlib
 import numpy as np
 
 from nam_keras.cifar100 import FINE_TO_COARSE, FULL_SIZES, IMAGE_SHAPE, NUM_CLASSES
-from nam_keras.config import DATASETS as SOURCES
 from nam_keras.data import safe_pickle
 from nam_keras.errors import DataError
+
+#: The data sources (`--dataset`).
+SOURCES = ("cifar100", "synthetic")
 
 # Host that TFDS downloads CIFAR-100 from; probed before a download so that an
 # offline machine fails in seconds instead of retrying for minutes.

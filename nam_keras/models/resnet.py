@@ -10,9 +10,7 @@ import dataclasses
 import keras
 import numpy as np
 
-from nam_keras import (
-    cifar100,
-)
+from nam_keras import cifar100
 from nam_keras.layers.attention import ATTENTIONS, NAMAttention, create_attention
 from nam_keras.layers.initializers import CONV_INIT, DENSE_INIT
 from nam_keras.layers.normalization import batch_normalization

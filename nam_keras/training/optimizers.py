@@ -21,7 +21,8 @@ class TorchSGD(keras.optimizers.Optimizer):
     learning rate acts differently).
 
     Args:
-        learning_rate: float; a callback (`WarmupCosine`) may set it every step.
+        learning_rate: a float, or a `keras.optimizers.schedules.LearningRateSchedule`
+            (the schedule callbacks of `training.schedules` put one on for `fit`).
         momentum: momentum factor in [0, 1). Defaults to 0.9.
         l2: the coupled weight decay (PyTorch's `weight_decay`). Defaults to 5e-4.
         **kwargs: base optimizer arguments (`name`, `clipnorm`, ...); the base

@@ -129,7 +129,7 @@ def _manifest(backup_dir):
 
 def _record(backup_dir, names):
     """Records `names` (a set) as this program's files in `backup/`."""
-    text = json.dumps({"written_by": OWNER, "files": sorted(names)}, indent=1)
+    text = json.dumps({OWNER_KEY: OWNER, "files": sorted(names)}, indent=1)
     io.atomic_write_text(os.path.join(backup_dir, MANIFEST), text + "\n")
 
 
@@ -183,10 +183,15 @@ def disk_needed(model):
 
 
 def _set_aside(path, reason):
-    """Renames `path` to `<stem>-<reason>-<UTC time><suffix>`; returns the new path."""
+    """Renames `path` to `<stem>-<reason>-<UTC time>[-N]<suffix>`, a name not in
+    use (nothing is replaced); returns the new path."""
     stem, suffix = os.path.splitext(path)
-    target = f"{stem}-{reason}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}{suffix}"
-    os.replace(path, target)
+    base = f"{stem}-{reason}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    target, n = base + suffix, 1
+    while os.path.lexists(target):
+        n += 1
+        target = f"{base}-{n}{suffix}"
+    os.rename(path, target)
     return target
 
 
@@ -267,6 +272,7 @@ class RunDirectory:
         io.check_writable(run.output)
         created = not os.path.exists(run.run_dir)
         io.make_folder(run.run_dir)
+        new_lock = not os.path.lexists(run.lock_file)
         try:
             run._refuse_links()
             with run._lock():
@@ -276,6 +282,9 @@ class RunDirectory:
         finally:
             if created:
                 run._remove_if_unused()
+            elif new_lock and not run.owned():  # refused in a folder of someone else's
+                with contextlib.suppress(OSError):
+                    os.remove(run.lock_file)
 
     @contextlib.contextmanager
     def _lock(self):
@@ -300,6 +309,13 @@ class RunDirectory:
                     "would overwrite each other's backups and logs. Wait for it to finish, or "
                     "choose another --run-dir."
                 ) from None
+            handle.seek(0)
+            content = handle.read()
+            if content and not content.startswith("train.py (pid"):
+                raise ConfigError(
+                    f"{self.lock_file} is not a lock file of train.py; it is left alone. Move it "
+                    "away or choose another --run-dir."
+                )
             handle.seek(0)
             handle.truncate()
             handle.write(f"train.py (pid {os.getpid()})\n")
@@ -436,6 +452,8 @@ class RunDirectory:
             )
 
     def _check_and_record(self, settings, keys, resume, defaults):
+        if resume:
+            self._refuse_a_finished_run_without_its_model()
         done = self.completed() if resume else None
         if done is not None:
             self._check_finished(done, settings, keys, defaults)
@@ -460,6 +478,20 @@ class RunDirectory:
                 f"{done['output']}); this command differs in {changed} (as (recorded, now)). A "
                 "finished run is a record: choose another --run-dir, or pass --no-resume to train "
                 "again in this one (its log is kept)."
+            )
+
+    def _refuse_a_finished_run_without_its_model(self):
+        summary = read_json(self.summary_json, "the run's summary") or {}
+        output = summary.get("output")
+        if (
+            summary.get("complete") is True
+            and isinstance(output, str)
+            and not os.path.exists(output)
+        ):
+            raise ConfigError(
+                f"{self.run_dir} holds a finished run whose model {output} is missing; a finished "
+                "run is a record and is not trained again over it. Put the model back, choose "
+                "another --run-dir, or pass --no-resume to train again here (its log is kept)."
             )
 
     def load_finished_model(self):
@@ -530,7 +562,8 @@ class RunDirectory:
                 f"0..{epochs} (--epochs {epochs}); pass --epochs {candidates[0][0]} to finish "
                 "that run, or --no-resume to start afresh."
             )
-        model.optimizer.build(model.trainable_variables)
+        if not model.optimizer.built:  # built already inside `fit` on JAX
+            model.optimizer.build(model.trainable_variables)
         failures = []
         for epoch, path in candidates:
             try:

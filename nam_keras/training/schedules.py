@@ -304,6 +304,9 @@ class ScheduleCallback(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self._variable = install_schedule(self.model.optimizer, self.schedule)
+        # `fit` made (or reused) its train function before this hook: make it
+        # again, so that the compiled step traces the optimizer with the schedule.
+        self.model.make_train_function(force=True)
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
@@ -313,6 +316,7 @@ class ScheduleCallback(keras.callbacks.Callback):
         if self._variable is not None:
             remove_schedule(self.model.optimizer, self._variable, self._last_lr())
             self._variable = None
+        self.model.train_function = None  # traced with the schedule: the next `fit` retraces
 
     def get_config(self):
         return self.schedule.get_config()
