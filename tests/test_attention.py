@@ -364,3 +364,97 @@ def test_float32_gate_keeps_the_residual_stream_float32_in_the_network():
         depth=18, width=8, dtype="mixed_bfloat16", attention_kwargs={"float32_gate": False}
     )
     assert legacy.get_layer("stage1_block1_add").output.dtype == "bfloat16"
+
+
+# ------------------------------------------------------------------ float64
+
+
+def _float64_runs():
+    """Whether this backend computes in float64 (JAX only with `jax_enable_x64`)."""
+    return keras.backend.standardize_dtype(keras.ops.ones((1,), "float64").dtype) == "float64"
+
+
+needs_float64 = pytest.mark.skipif(
+    not _float64_runs(), reason=f"{keras.backend.backend()} runs without float64 here"
+)
+
+
+@pytest.mark.parametrize(
+    "policy, gate, legacy",
+    [
+        ("float64", "float64", "float64"),
+        ("float32", "float32", "float32"),
+        ("mixed_float16", "float32", "float16"),
+        ("mixed_bfloat16", "float32", "bfloat16"),
+    ],
+)
+def test_the_gate_is_float32_only_under_a_16_bit_compute_dtype(policy, gate, legacy):
+    """`float32_gate` widens a 16-bit gate to float32 and never narrows a
+    float64 one; without it the gate is the compute dtype."""
+    assert NAMAttention(dtype=policy).gate_dtype == gate
+    assert NAMAttention(dtype=policy, float32_gate=False).gate_dtype == legacy
+    x = keras.KerasTensor((2, 4, 4, 8), dtype="float32")
+    assert NAMAttention(dtype=policy).compute_output_spec(x).dtype == gate
+
+
+def _assign_float64(bn, rng, n):
+    """Random gamma, beta and moving statistics, assigned in float64."""
+    vals = [rng.normal(size=n) * 2.0, rng.normal(size=n), rng.normal(size=n)]
+    vals.append(rng.uniform(0.5, 2.0, n))
+    for var, val in zip([bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance], vals):
+        assert var.dtype == "float64"
+        var.assign(val)
+    return vals
+
+
+@needs_float64
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("spatial", [False, True])
+def test_a_float64_layer_computes_in_float64_to_numpy_precision(rng, training, spatial):
+    """Output float64 (the default `float32_gate=True` included) and equal to
+    NumPy's float64 NAM to ~1e-12: no float32 step (gate, weights) anywhere."""
+    x = rng.normal(1.0, 3.0, size=(4, 5, 6, 7))
+    layer = NAMAttention(spatial=spatial, dtype="float64")
+    layer.build(x.shape)
+    c = _assign_float64(layer.channel_bn, rng, 7)
+    s = _assign_float64(layer.spatial_bn, rng, 30) if spatial else [None] * 4
+    out = layer(x, training=training)
+    assert keras.backend.standardize_dtype(out.dtype) == "float64"
+    want = np_nam(x, *c, *s, training=training)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(out), want, rtol=1e-12, atol=1e-12)
+    weights = layer.attention_weights()["channel"]
+    assert weights.dtype == np.float64
+    np.testing.assert_allclose(weights, np.abs(c[0]) / np.abs(c[0]).sum(), rtol=1e-14)
+
+
+def test_under_mixed_bfloat16_the_gate_stays_float32(rng):
+    layer = NAMAttention(dtype="mixed_bfloat16")
+    out = layer(rng.normal(size=(2, 4, 4, 8)).astype("float32"), training=True)
+    assert layer.compute_dtype == "bfloat16" and layer.gate_dtype == "float32"
+    assert keras.backend.standardize_dtype(out.dtype) == "float32"
+
+
+@pytest.mark.parametrize("attention", ["nam", None])
+def test_a_float64_network_keeps_its_residual_stream_float64(rng, attention):
+    """`build_resnet(dtype="float64")`: every layer but the input and the
+    logits (float32 always, as the docstring promises) computes and returns
+    float64; NAM's float32 gate no longer narrows the stream after it."""
+    model = build_resnet(
+        depth=18, width=4, input_shape=(16, 16, 3), dtype="float64", attention=attention
+    )
+    narrow = [
+        layer.name
+        for layer in model.layers[1:-1]
+        if layer.output.dtype != "float64" or layer.compute_dtype != "float64"
+    ]
+    assert not narrow, f"not float64: {narrow}"
+    assert (model.layers[0].name, model.layers[-1].name) == ("images", "logits")
+    assert model.get_layer("logits").dtype_policy.name == "float32"
+    assert model.output.dtype == "float32"
+    if attention == "nam":
+        for name in ("stage1_block1_nam", "stage1_block1_add", "stage4_block2_out", "avg_pool"):
+            assert model.get_layer(name).output.dtype == "float64", name
+    if _float64_runs():
+        logits = model(rng.uniform(0, 255, (2, 16, 16, 3)).astype("float32"), training=False)
+        assert keras.backend.standardize_dtype(logits.dtype) == "float32"
+        assert np.all(np.isfinite(keras.ops.convert_to_numpy(logits)))

@@ -110,3 +110,83 @@ def test_gpu_bench_smoke_mode_runs_every_keras_path_on_jax(tmp_path):
     assert summary["nam_overhead_at_best"] == pytest.approx(
         keras_rows[0]["baseline"] / keras_rows[0]["nam"]
     )
+
+
+@pytest.fixture
+def xla_cost(bench_dir_on_path, monkeypatch):
+    """bench/xla_cost.py imported here, the environment's backend kept."""
+    import keras
+
+    monkeypatch.setenv("KERAS_BACKEND", keras.backend.backend())  # its setdefault: a no-op
+    import xla_cost
+
+    return xla_cost
+
+
+def test_xla_cost_reads_a_dict_or_a_list_of_dicts(xla_cost):
+    one = {"flops": 10.0, "bytes accessed": 4.0, "utilization0{}": 1.0}
+    assert xla_cost.cost_figures(one) == {
+        "flops": 10.0,
+        "bytes_accessed": 4.0,
+        "transcendentals": 0.0,
+    }
+    several = [one, {"flops": 1.0, "bytes accessed": 2.0, "transcendentals": 3.0}]
+    assert xla_cost.cost_figures(several) == {
+        "flops": 11.0,
+        "bytes_accessed": 6.0,
+        "transcendentals": 3.0,
+    }
+    with pytest.raises(RuntimeError, match="no cost analysis"):
+        xla_cost.cost_figures(None)
+
+
+def test_xla_cost_modules_put_the_baseline_first_and_one_nam_row_per_kwargs(xla_cost):
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(modules="se,nam", nam_kwargs=["{}", '{"float32_gate": false}'])
+    assert xla_cost.module_list(args) == [
+        ("baseline", None, {}),
+        ("se", "se", {}),
+        ("nam", "nam", {}),
+        ('nam {"float32_gate": false}', "nam", {"float32_gate": False}),
+    ]
+    with pytest.raises(SystemExit, match="unknown modules"):
+        xla_cost.module_list(SimpleNamespace(modules="nam,eca", nam_kwargs=None))
+
+
+@pytest.mark.slow
+def test_xla_cost_bench_smoke_mode_compiles_every_module_on_jax(tmp_path):
+    """bench/xla_cost.py --smoke on a CPU, seconds: the jitted training step of
+    every module lowered, compiled and costed by XLA, relative to the baseline."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "xla_cost.json"
+    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "xla_cost.py"), "--smoke", "--json", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["settings"] == {
+        "depth": 18,
+        "width": 4,
+        "size": 16,
+        "batch": 4,
+        "precision": "mixed_bfloat16",
+    }
+    rows = {r["module"]: r for r in result["rows"]}
+    assert list(rows) == ["baseline", "nam", "se", "cbam", "bam"]
+    figures = ("flops", "bytes_accessed", "flops_ratio", "bytes_ratio")
+    assert all(np.isfinite(r[k]) and r[k] > 0 for r in rows.values() for k in figures)
+    assert rows["baseline"]["flops_ratio"] == rows["baseline"]["bytes_ratio"] == 1.0
+    assert rows["nam"]["flops_ratio"] > 1 or rows["nam"]["bytes_ratio"] > 1
+    for r in rows.values():
+        assert r["bytes_ratio"] == pytest.approx(
+            r["bytes_accessed"] / rows["baseline"]["bytes_accessed"]
+        )

@@ -67,3 +67,16 @@ def test_label_smoothing_loss_by_hand(tmp_path):
     want = -(smoothed * log_p).sum(axis=1).mean()
     assert float(model.loss(soft, logits)) == pytest.approx(want, rel=1e-5)
     assert config.one_hot and not config.mixing
+
+
+def test_each_epoch_is_logged_before_its_backup(tmp_path):
+    """A kill between the two must leave a log row the resume trims, never a
+    backup whose epoch has no row: the loggers come before the backup."""
+    from nam_keras.training.run_directory import CSVLog, EpochBackup, RunDirectory
+
+    config = tiny_config(tmp_path)
+    devices = experiment.set_up_devices(config)
+    run = RunDirectory(config.resolved_run_dir, config.resolved_output)
+    kinds = [type(c) for c in experiment.make_callbacks(config, devices, run, 2)]
+    assert kinds.index(CSVLog) < kinds.index(keras.callbacks.TensorBoard) < kinds.index(EpochBackup)
+    assert kinds[-1] is EpochBackup

@@ -120,7 +120,8 @@ class NAMAttention(keras.layers.Layer):
 
     Returns:
         The gated feature map, same shape: float32 when `float32_gate` (the
-        default), else the layer's compute dtype.
+        default) and the compute dtype is 16-bit, else the layer's compute
+        dtype (never narrower than it: float64 in a float64 layer).
 
     Example:
 
@@ -220,8 +221,10 @@ class NAMAttention(keras.layers.Layer):
         return ops.sum(ops.abs(ops.cast(gamma, "float32")))
 
     def _weights_from(self, gamma):
-        """`|gamma| / sum |gamma|` in float32, guarded against a zero sum."""
-        g = ops.abs(ops.cast(gamma, "float32"))
+        """`|gamma| / sum |gamma|` in float32 (float64 in a float64 layer),
+        guarded against a zero sum."""
+        dtype = "float64" if self.compute_dtype == "float64" else "float32"
+        g = ops.abs(ops.cast(gamma, dtype))
         return g / ops.maximum(ops.sum(g), _TINY)
 
     def attention_weights(self):
@@ -252,8 +255,13 @@ class NAMAttention(keras.layers.Layer):
 
     @property
     def gate_dtype(self):
-        """The dtype of the gate, the product and the output."""
-        return "float32" if self.float32_gate else self.compute_dtype
+        """The dtype of the gate, the product and the output: float32 where
+        `float32_gate` and the compute dtype is 16-bit (`float16`,
+        `bfloat16`), else the compute dtype. Never narrower than the compute
+        dtype: a float64 layer gates in float64."""
+        if self.float32_gate and self.compute_dtype in ("float16", "bfloat16"):
+            return "float32"
+        return self.compute_dtype
 
     def call(self, inputs, training=None):
         x = ops.cast(inputs, self.compute_dtype)

@@ -198,9 +198,10 @@ def _quick_run_hint(config, devices):
 
 def make_callbacks(config, devices, run, steps_per_epoch):
     """Schedule, speed and NAM figures (logged), validation on the EMA
-    weights, NaN stop, clean stop on signals, the run directory's restore and
-    per-epoch backup (which holds the raw weights and, in the optimizer, their
-    EMA), then the logs (after the backup, which trims `log.csv` on a resume)."""
+    weights, NaN stop, clean stop on signals, the logs, then the run
+    directory's restore and per-epoch backup (which holds the raw weights and,
+    in the optimizer, their EMA): each epoch's log row is written before its
+    backup, and the log opens only after the restore has trimmed it."""
     ema = [keras.callbacks.SwapEMAWeights(swap_on_epoch=False)] if config.ema else []
     return [
         *ema,
@@ -210,9 +211,9 @@ def make_callbacks(config, devices, run, steps_per_epoch):
         callbacks.NAMSparsity(),
         callbacks.StopOnNonFiniteLoss(),
         callbacks.StopOnSignal(),
-        run.callback(steps_per_epoch, config.epochs, scope=devices.strategy.scope),
         run.csv_logger(),
         keras.callbacks.TensorBoard(run.tensorboard),
+        run.callback(steps_per_epoch, config.epochs, scope=devices.strategy.scope),
     ]
 
 

@@ -689,8 +689,11 @@ class EpochBackup(keras.callbacks.Callback):
     whole backup (weights and optimizer state), telling `fit` to start after
     its epoch; after every epoch it writes the next backup to a temporary file
     renamed to `backup/epoch-NNNNN.weights.h5` (NNNNN = completed epochs), so a
-    kill at any moment leaves the previous backups intact. Put it before
-    `CSVLogger`: it trims the log to the epochs the backup holds.
+    kill at any moment leaves the previous backups intact. Put it after the
+    loggers (`RunDirectory.csv_logger`, which opens the log only when an epoch
+    ends, after this callback has trimmed it to the epochs the backup holds):
+    an epoch's row is then written before its backup, so a kill between the
+    two leaves a row the next run trims, never a backup without its row.
 
     Args:
         run: the `RunDirectory`.
@@ -725,18 +728,31 @@ class EpochBackup(keras.callbacks.Callback):
 
 
 class CSVLog(keras.callbacks.CSVLogger):
-    """`keras.callbacks.CSVLogger` that appends to its file and never writes
-    through a symbolic link (the file is opened with `O_NOFOLLOW`)."""
+    """`keras.callbacks.CSVLogger` that appends to its file, opens it when the
+    first epoch ends (after a resume has trimmed it, whatever the order of the
+    callbacks) and never writes through a symbolic link (`O_NOFOLLOW`)."""
 
     def on_train_begin(self, logs=None):
+        self._close()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.csv_file is None:
+            self._open()
+        super().on_epoch_end(epoch, logs)
+
+    def on_train_end(self, logs=None):
+        self._close()
+
+    def _open(self):
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
         try:
             fd = os.open(self.filename, flags, 0o644)
         except OSError as err:
             raise ConfigError(f"cannot write the log {self.filename}: {err.strerror}.") from None
-        if self.csv_file and not self.csv_file.closed:
-            self.csv_file.close()
         self.append_header = os.fstat(fd).st_size == 0
         self.csv_file = os.fdopen(fd, "a")
-        self.writer = None
-        self.keys = None
+
+    def _close(self):
+        if self.csv_file is not None and not self.csv_file.closed:
+            self.csv_file.close()
+        self.csv_file, self.writer, self.keys = None, None, None
