@@ -60,41 +60,47 @@ def outside(tmp_path):
     return root
 
 
-@pytest.mark.parametrize("entry", sorted(WRITTEN))
-def test_a_link_where_the_run_writes_is_refused_and_nothing_outside_changes(
-    tmp_path, tiny_args, capsys, outside, entry
+@pytest.mark.parametrize("planted", ["one at a time", "all at once"])
+def test_links_where_the_run_writes_are_refused_and_nothing_outside_changes(
+    tmp_path, tiny_args, capsys, outside, planted
 ):
-    link = tmp_path / "run" / entry
-    link.parent.mkdir(parents=True, exist_ok=True)
-    target = outside / ("folder" if WRITTEN[entry] == "folder" else "victim.txt")
-    os.symlink(target, link)
-    before = snapshot(outside)
-    assert train.main(tiny_args(*ONE_EPOCH)) == 2
-    err = capsys.readouterr().err
-    assert "holds symbolic links where train.py writes" in err and str(link) in err
-    assert "Traceback" not in err
-    assert snapshot(outside) == before
-    assert os.path.islink(link)  # left as it was
-    assert not (tmp_path / "run.keras").exists()
+    """Each name the run writes, as a link to a sibling folder's file or folder:
+    refused before anything is opened, every link named, nothing outside changed.
+    One at a time for the names directly in the run directory (each must be
+    caught by itself), then every file name and those inside `backup/` and
+    `tensorboard/` at once (one run names them all)."""
+    top = [n for n in sorted(WRITTEN) if "/" not in n]
+    inside = [n for n in sorted(WRITTEN) if "/" in n or WRITTEN[n] == "file"]  # real folders
+    groups = [[n] for n in top] if planted == "one at a time" else [inside]
+    for i, entries in enumerate(groups):
+        name = f"run{i}"
+        links = [tmp_path / name / entry for entry in entries]
+        for entry, link in zip(entries, links):
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(outside / ("folder" if WRITTEN[entry] == "folder" else "victim.txt"), link)
+        before = snapshot(outside)
+        assert train.main(tiny_args(*ONE_EPOCH, name=name)) == 2
+        err = capsys.readouterr().err
+        assert "holds symbolic links where train.py writes" in err and "Traceback" not in err
+        assert all(str(link) in err for link in links), (entries, err)
+        assert snapshot(outside) == before
+        assert all(os.path.islink(link) for link in links)  # left as they were
+        assert not (tmp_path / f"{name}.keras").exists()
 
 
 @pytest.mark.parametrize("resume", [True, False])
-@pytest.mark.parametrize(
-    "name, content",
-    [("config.json", '{"my": "settings"}\n'), ("log.csv", "a,b\n1,2\n"), ("summary.json", "{}\n")],
-)
-def test_a_file_train_py_did_not_write_is_refused_and_kept(
-    tmp_path, tiny_args, capsys, name, content, resume
-):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / name).write_text(content)
-    extra = [] if resume else ["--no-resume"]
-    assert train.main(tiny_args(*ONE_EPOCH, *extra)) == 2
-    err = capsys.readouterr().err
-    assert f"holds {name} that train.py did not write" in err
-    assert (run / name).read_text() == content
-    assert os.listdir(run) == [name]  # not even the lock file is left behind
+def test_files_train_py_did_not_write_are_refused_and_kept(tmp_path, tiny_args, capsys, resume):
+    files = {"config.json": '{"my": "settings"}\n', "log.csv": "a,b\n1,2\n", "summary.json": "{}\n"}
+    for i, (name, content) in enumerate(files.items()):  # each alone is refused
+        run = tmp_path / f"run{i}"
+        run.mkdir()
+        (run / name).write_text(content)
+        extra = [] if resume else ["--no-resume"]
+        assert train.main(tiny_args(*ONE_EPOCH, *extra, name=f"run{i}")) == 2
+        err = capsys.readouterr().err
+        assert f"holds {name} that train.py did not write" in err
+        assert (run / name).read_text() == content
+        assert os.listdir(run) == [name]  # not even the lock file is left behind
 
 
 def test_a_damaged_settings_file_is_kept_when_starting_afresh(tmp_path, tiny_args, capsys):
@@ -170,16 +176,8 @@ def test_a_full_disk_during_a_backup_stops_clearly_and_the_rerun_resumes(
     assert summary["optimizer_steps"] == 2
 
 
-@pytest.mark.slow
-def test_only_recorded_backups_are_deleted(tmp_path, tiny_args):
-    backup = tmp_path / "run" / "backup"
-    assert train.main(tiny_args(*TWO_EPOCHS, "--epochs", "1")) == 0
-    # a finished run dropped its backups; a file someone puts there later survives
-    backup.mkdir()
-    (backup / "epoch-00009.weights.h5").write_text("someone's\n")
-    assert train.main(tiny_args(*TWO_EPOCHS, "--no-resume")) == 0
-    assert os.listdir(backup) == ["epoch-00009.weights.h5"]
-    assert (backup / "epoch-00009.weights.h5").read_text() == "someone's\n"
+# Only recorded backups are read or deleted: tests/test_rundir.py
+# (test_unrecorded_backups_are_neither_read_nor_deleted).
 
 
 def test_a_lock_file_train_py_did_not_write_is_refused_and_kept(tmp_path, tiny_args, capsys):
