@@ -155,9 +155,10 @@ def test_xla_cost_modules_put_the_baseline_first_and_one_nam_row_per_kwargs(xla_
 
 
 @pytest.mark.slow
-def test_xla_cost_bench_smoke_mode_compiles_every_module_on_jax(tmp_path):
-    """bench/xla_cost.py --smoke on a CPU, seconds: the jitted training step of
-    every module lowered, compiled and costed by XLA, relative to the baseline."""
+def test_xla_cost_bench_smoke_mode_costs_the_step_on_jax(tmp_path):
+    """bench/xla_cost.py --smoke on a CPU, seconds: the jitted training step of the
+    plain network and of NAM lowered, compiled and costed by XLA, relative to the
+    baseline (two modules keep it short; the module list is tested above)."""
     import json
     import subprocess
     import sys
@@ -165,7 +166,11 @@ def test_xla_cost_bench_smoke_mode_compiles_every_module_on_jax(tmp_path):
     out = tmp_path / "xla_cost.json"
     env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.run(
-        [sys.executable, os.path.join(BENCH, "xla_cost.py"), "--smoke", "--json", str(out)],
+        [
+            sys.executable,
+            os.path.join(BENCH, "xla_cost.py"),
+            *("--smoke", "--modules", "nam", "--json", str(out)),
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -181,7 +186,7 @@ def test_xla_cost_bench_smoke_mode_compiles_every_module_on_jax(tmp_path):
         "precision": "mixed_bfloat16",
     }
     rows = {r["module"]: r for r in result["rows"]}
-    assert list(rows) == ["baseline", "nam", "se", "cbam", "bam"]
+    assert list(rows) == ["baseline", "nam"]
     figures = ("flops", "bytes_accessed", "flops_ratio", "bytes_ratio")
     assert all(np.isfinite(r[k]) and r[k] > 0 for r in rows.values() for k in figures)
     assert rows["baseline"]["flops_ratio"] == rows["baseline"]["bytes_ratio"] == 1.0
