@@ -28,15 +28,16 @@ class _NoTensorFlow:
 sys.meta_path.insert(0, _NoTensorFlow())
 """
 
-# Writes a NAM ResNet (pixel attention too) and CBAM and BAM ones (CBAM's channel
-# gate is SE's with a max pooling more), their BN
-# variables (moving statistics included) set away from their initial values,
-# with their predictions on fixed images. No fit: compiling costs more than the check.
+# Writes a NAM ResNet (pixel attention too) and a BAM one (convolutions, dense
+# layers and BNs of its own), their BN variables (moving statistics included) set
+# away from their initial values, with their predictions on fixed images. No fit:
+# compiling costs more than the check. Every registered module's .keras file is
+# reloaded in a fresh process by tests/test_attention_contract.py.
 WRITE = """
 import keras, numpy as np, nam_keras
 rng = np.random.default_rng(0)
 x = rng.uniform(0, 255, (4, 16, 16, 3)).astype("float32")
-for kind, kwargs in [("nam", {"spatial": True}), ("cbam", None), ("bam", None)]:
+for kind, kwargs in [("nam", {"spatial": True}), ("bam", None)]:
     model = nam_keras.build_resnet(
         depth=18, width=4, input_shape=(16, 16, 3), attention=kind, attention_kwargs=kwargs
     )
@@ -53,7 +54,7 @@ np.save("x.npy", x)
 READ = """
 import keras, numpy as np, nam_keras
 x = np.load("x.npy")
-for kind in ["nam", "cbam", "bam"]:
+for kind in ["nam", "bam"]:
     model = keras.models.load_model(f"{kind}.keras")
     want = np.load(f"{kind}.npy")
     got = keras.ops.convert_to_numpy(model(x, training=False))
