@@ -11,6 +11,25 @@ from nam_keras import NAMAttention
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
+def run_bench_on_jax(script, tmp_path, *args):
+    """Runs bench/`script` with `args` in a child process on JAX; returns its --json."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / f"{script}.json"
+    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCH, script), *args, "--json", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 @pytest.fixture
 def bench_dir_on_path(monkeypatch):
     monkeypatch.syspath_prepend(BENCH)
@@ -84,21 +103,8 @@ def test_gpu_bench_smoke_mode_runs_every_keras_path_on_jax(tmp_path):
     """bench/gpu.py on a CPU, seconds: the jitted stateless steps, bf16, several
     steps per execution, the matmul peak and the summary (PyTorch rows when
     PyTorch is installed)."""
-    import json
-    import subprocess
-    import sys
 
-    out = tmp_path / "gpu.json"
-    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.run(
-        [sys.executable, os.path.join(BENCH, "gpu.py"), "--smoke", "--json", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = run_bench_on_jax("gpu.py", tmp_path, "--smoke")
     keras_rows = [r for r in result["rows"] if r["framework"] == "keras-jax"]
     assert [(r["precision"], r["batch"], r["config"]) for r in keras_rows] == [
         ("mixed_bfloat16", 8, "XLA, steps_per_execution 2")
@@ -159,25 +165,8 @@ def test_xla_cost_bench_smoke_mode_costs_the_step_on_jax(tmp_path):
     """bench/xla_cost.py --smoke on a CPU, seconds: the jitted training step of the
     plain network and of NAM lowered, compiled and costed by XLA, relative to the
     baseline (two modules keep it short; the module list is tested above)."""
-    import json
-    import subprocess
-    import sys
 
-    out = tmp_path / "xla_cost.json"
-    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(BENCH, "xla_cost.py"),
-            *("--smoke", "--modules", "nam", "--json", str(out)),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = run_bench_on_jax("xla_cost.py", tmp_path, "--smoke", "--modules", "nam")
     assert result["settings"] == {
         "depth": 18,
         "width": 4,

@@ -364,13 +364,8 @@ class MultiStep(ScheduleCallback):
     """Puts a `MultiStepDecay` on the optimizer and logs it: the official NAM
     code's schedule, x `decay` at each milestone epoch (`multistep`).
 
-    Args:
-        base_lr: initial learning rate.
-        steps_per_epoch: optimizer steps per epoch.
-        milestones: increasing 1-based epoch counts; epoch `m` (0-based) is the
-            first with the lower rate, as in PyTorch.
-        decay: the factor. Defaults to 0.2.
-        warmup_steps: optional linear warmup from 0. Defaults to 0.
+    Args: those of `MultiStepDecay` (`base_lr`, `steps_per_epoch`,
+    `milestones`, `decay=0.2`, `warmup_steps=0`).
     """
 
     def __init__(self, base_lr, steps_per_epoch, milestones, decay=0.2, warmup_steps=0):
