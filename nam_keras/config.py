@@ -541,17 +541,14 @@ class TrainConfig(DataConfig):
     def _check_attention_options(self, given=()):
         """Refuses a module's option for another module: set away from its default,
         or named in `given` (the options typed on a command line)."""
-        own = ATTENTION_OPTIONS.get(self.model, {})
         fields = {f.name: f for f in dataclasses.fields(self)}
-        for module, options in ATTENTION_OPTIONS.items():
-            for name in options:
-                field = fields[name]
-                changed = getattr(self, name) != field.default or name in given
-                if name not in own and changed:
-                    raise ConfigError(
-                        f"{flag(field)} is an option of --attention {module} only; received it "
-                        f"with --attention {self.model}, which does not use it. Drop it."
-                    )
+        for name, module in unused_attention_options(self.model).items():
+            field = fields[name]
+            if getattr(self, name) != field.default or name in given:
+                raise ConfigError(
+                    f"{flag(field)} is an option of --attention {module} only; received it "
+                    f"with --attention {self.model}, which does not use it. Drop it."
+                )
 
     def check_given(self, given):
         """Refuses options typed on the command line that this run does not use,
@@ -578,12 +575,7 @@ class TrainConfig(DataConfig):
     def resume_keys(self):
         """Settings (and derived values) a backup must share with the run resuming it:
         the `resume=True` rows, but the options of modules this run does not use."""
-        unused = {
-            name
-            for module, options in ATTENTION_OPTIONS.items()
-            if module != self.model
-            for name in options
-        }
+        unused = unused_attention_options(self.model)
         return (*(k for k in resume_fields() if k not in unused), "num_classes", "mixing")
 
     @property
@@ -603,10 +595,8 @@ class TrainConfig(DataConfig):
         preset = dict(RECIPES[recipe])
         _check_recipe_milestones(recipe, preset, overrides)
         model = overrides.get("model", preset.get("model", cls.model))
-        for module, options in ATTENTION_OPTIONS.items():  # a recipe's NAM options: NAM only
-            if module != model:
-                for name in options:
-                    preset.pop(name, None)
+        for name in unused_attention_options(model):  # a recipe's NAM options: NAM only
+            preset.pop(name, None)
         return cls(**{**preset, **overrides, "recipe": recipe})
 
     @property
@@ -687,6 +677,17 @@ class EvalConfig(DataConfig):
 
 
 # ------------------------------------------------------------------ derived views
+
+
+def unused_attention_options(model):
+    """The settings that are options of attention modules other than `model`:
+    `{setting: its module}`."""
+    return {
+        name: module
+        for module, options in ATTENTION_OPTIONS.items()
+        if module != model
+        for name in options
+    }
 
 
 def _check_recipe_milestones(recipe, preset, overrides):

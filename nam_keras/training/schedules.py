@@ -25,8 +25,7 @@ import numbers
 import keras
 from keras import ops
 
-# Step counts are int32 inside the schedules (JAX's default integer width).
-_MAX_STEPS = 2**31 - 1
+from nam_keras.config import MAX_COUNT  # step counts are int32 inside the schedules
 
 
 def warmup_cosine(step, base_lr, warmup_steps, total_steps):
@@ -89,8 +88,8 @@ def _check_count(name, value, minimum):
     )
     if isinstance(value, bool) or not whole:
         raise ValueError(f"{name} must be a whole number; received {value!r}.")
-    if not minimum <= value <= _MAX_STEPS:
-        raise ValueError(f"{name} must be in {minimum}..{_MAX_STEPS}; received {value!r}.")
+    if not minimum <= value <= MAX_COUNT:
+        raise ValueError(f"{name} must be in {minimum}..{MAX_COUNT}; received {value!r}.")
     return int(value)
 
 
@@ -331,10 +330,8 @@ class WarmupCosine(ScheduleCallback):
     """Puts a `WarmupCosineDecay` on the optimizer and logs it: linear warmup from
     0, then cosine decay to 0 at the last step (`warmup_cosine`).
 
-    Args:
-        base_lr: peak learning rate, reached at the end of the warmup.
-        total_steps: number of optimizer steps of the whole run.
-        warmup_steps: length of the linear warmup from 0. Defaults to 2000.
+    Args: those of `WarmupCosineDecay` (`base_lr`, `total_steps`,
+    `warmup_steps=2000`).
     """
 
     def __init__(self, base_lr, total_steps, warmup_steps=2000):
@@ -347,11 +344,8 @@ class EpochCosine(ScheduleCallback):
     """Puts an `EpochCosineDecay` on the optimizer and logs it: the seed's
     schedule, linear warmup per step, cosine per epoch (`epoch_cosine`).
 
-    Args:
-        base_lr: peak learning rate.
-        steps_per_epoch: optimizer steps per epoch.
-        epochs: the cosine's period in epochs (Paddle's `T_max`).
-        warmup_steps: length of the linear warmup from 0. Defaults to 2000.
+    Args: those of `EpochCosineDecay` (`base_lr`, `steps_per_epoch`, `epochs`,
+    `warmup_steps=2000`).
     """
 
     def __init__(self, base_lr, steps_per_epoch, epochs, warmup_steps=2000):
