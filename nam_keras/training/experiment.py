@@ -18,7 +18,7 @@ import time
 import keras
 from keras import ops
 
-from nam_keras import cifar100, io
+from nam_keras import cifar100
 from nam_keras import config as settings
 from nam_keras.data import pipeline, sources
 from nam_keras.errors import ConfigError
@@ -310,8 +310,7 @@ def train(config):
     """
     devices = set_up_devices(config)
     _log_devices(devices)
-    io.check_folder(config.resolved_run_dir)  # before the data: bad paths fail at once
-    io.check_writable(config.resolved_output)
+    RunDirectory.check_paths(config.resolved_run_dir, config.resolved_output)  # before the data
     train_ds, val_ds, n_train = load_datasets(config)
     resolved = resolved_config(config, devices, n_train)
     with RunDirectory.open(

@@ -40,7 +40,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import time
 
 import keras
@@ -156,11 +155,12 @@ def remove_backups(backup_dir, keep=0):
     if os.path.islink(backup_dir) or not os.path.isdir(backup_dir):
         return
     recorded = _manifest(backup_dir)
-    newest_first = [os.path.basename(p) for _, p in backups(backup_dir)]
-    ours = [n for n in newest_first if n in recorded]
-    doomed = set(ours[keep:]) | {n for n in recorded if n.startswith(".tmp-")}
     if keep == 0:
         doomed = set(recorded)
+    else:
+        newest_first = [os.path.basename(p) for _, p in backups(backup_dir)]
+        ours = [n for n in newest_first if n in recorded]
+        doomed = set(ours[keep:]) | {n for n in recorded if n.startswith(".tmp-")}
     for name in doomed:
         path = os.path.join(backup_dir, name)
         if os.path.isfile(path) and not os.path.islink(path):
@@ -210,15 +210,12 @@ class RunDirectory:
         output: the final `.keras` file.
         finished: the summary of this very run when it finished before (then
             there is nothing to train), else `None`.
-        initial_epoch: the completed epochs of the backup restored when
-            training began (`None`: none was).
     """
 
     def __init__(self, run_dir, output):
         self.run_dir = os.fspath(run_dir)
         self.output = os.fspath(output)
         self.finished = None
-        self.initial_epoch = None
 
     # === the files ===
     @property
@@ -269,7 +266,7 @@ class RunDirectory:
             ConfigError: a path, a lock, a damaged or different run.
         """
         run = cls(run_dir, output)
-        io.check_writable(run.output)
+        cls.check_paths(run.run_dir, run.output)
         created = not os.path.exists(run.run_dir)
         io.make_folder(run.run_dir)
         new_lock = not os.path.lexists(run.lock_file)
@@ -285,6 +282,14 @@ class RunDirectory:
             elif new_lock and not run.owned():  # refused in a folder of someone else's
                 with contextlib.suppress(OSError):
                     os.remove(run.lock_file)
+
+    @staticmethod
+    def check_paths(run_dir, output):
+        """`ConfigError` unless the folder `run_dir` can be created or used and the
+        file `output` written; creates nothing. `open` checks them again: call it
+        first to fail before long work (loading the data)."""
+        io.check_folder(run_dir)
+        io.check_writable(output)
 
     @contextlib.contextmanager
     def _lock(self):
@@ -420,14 +425,19 @@ class RunDirectory:
             kept = _set_aside(self.log_csv, "previous")
             logger.info(f"the previous run's log is kept as {kept}")
 
+    def _recorded_finish(self):
+        """The summary of a run recorded as finished (its model may be missing since),
+        else `None`; `ConfigError` when `summary.json` is damaged."""
+        summary = read_json(self.summary_json, "the run's summary") or {}
+        finished = summary.get("complete") is True and isinstance(summary.get("output"), str)
+        return summary if finished else None
+
     def completed(self):
         """The summary of a finished run whose model still exists, else `None`."""
-        try:
-            summary = read_json(self.summary_json, "the run's summary")
-        except ConfigError:
-            return None
-        if summary and summary.get("complete") and os.path.isfile(summary.get("output", "")):
-            return summary
+        with contextlib.suppress(ConfigError):
+            summary = self._recorded_finish()
+            if summary is not None and os.path.isfile(summary["output"]):
+                return summary
         return None
 
     def check_resumable(self, settings, keys, defaults=None):
@@ -436,15 +446,13 @@ class RunDirectory:
         A key missing from that file (a setting added since it was written) is
         taken to be `defaults[key]`, the value the older version used.
         """
-        old = read_json(self.config_json, "the run's settings")
-        if old is None:
+        if not os.path.exists(self.config_json):
             raise ConfigError(
                 f"{self.backup} has backups but {self.config_json} is missing, so they cannot "
                 "be checked against this run; pass --no-resume to start afresh or choose "
                 "another --run-dir."
             )
-        old = {**(defaults or {}), **old}
-        changed = {k: (old.get(k), settings[k]) for k in keys if old.get(k) != settings[k]}
+        changed = self._changed_settings(settings, keys, defaults)
         if changed:
             raise ConfigError(
                 f"{self.run_dir} holds a backup of a different run ({changed}, as "
@@ -452,10 +460,9 @@ class RunDirectory:
             )
 
     def _check_and_record(self, settings, keys, resume, defaults):
-        if resume:
-            self._refuse_a_finished_run_without_its_model()
-        done = self.completed() if resume else None
+        done = self._recorded_finish() if resume else None
         if done is not None:
+            self._refuse_a_missing_model(done["output"])
             self._check_finished(done, settings, keys, defaults)
             remove_backups(self.backup)  # leftovers of a run stopped while cleaning up
             self.finished = done
@@ -466,10 +473,15 @@ class RunDirectory:
         text = json.dumps(record, indent=2, default=str)
         io.atomic_write_text(self.config_json, text + "\n")
 
+    def _changed_settings(self, settings, keys, defaults=None):
+        """`{key: (recorded, now)}` for the `keys` where `settings` differ from
+        `config.json`; a key it lacks (added since) is `defaults[key]`."""
+        old = {**(defaults or {}), **(read_json(self.config_json, "the run's settings") or {})}
+        return {k: (old.get(k), settings[k]) for k in keys if old.get(k) != settings[k]}
+
     def _check_finished(self, done, settings, keys, defaults):
         """A finished run is a record: the same settings and `--output`, or a refusal."""
-        old = {**defaults, **(read_json(self.config_json, "the run's settings") or {})}
-        changed = {k: (old.get(k), settings[k]) for k in keys if old.get(k) != settings[k]}
+        changed = self._changed_settings(settings, keys, defaults)
         if self.output != done["output"]:
             changed["output"] = (done["output"], self.output)
         if changed:
@@ -480,14 +492,8 @@ class RunDirectory:
                 "again in this one (its log is kept)."
             )
 
-    def _refuse_a_finished_run_without_its_model(self):
-        summary = read_json(self.summary_json, "the run's summary") or {}
-        output = summary.get("output")
-        if (
-            summary.get("complete") is True
-            and isinstance(output, str)
-            and not os.path.exists(output)
-        ):
+    def _refuse_a_missing_model(self, output):
+        if not os.path.isfile(output):
             raise ConfigError(
                 f"{self.run_dir} holds a finished run whose model {output} is missing; a finished "
                 "run is a record and is not trained again over it. Put the model back, choose "
@@ -608,18 +614,12 @@ class RunDirectory:
             if os.path.islink(self.backup):
                 raise OSError(f"{self.backup} became a symbolic link")
             os.makedirs(self.backup, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.backup, prefix=".tmp-", suffix=".weights.h5")
-            os.close(fd)
-            recorded = _manifest(self.backup) | {os.path.basename(tmp)}
-            _record(self.backup, recorded)
-            try:
+            final = backup_path(self.backup, epochs_done)
+            recorded = _manifest(self.backup)
+            with io.atomic_path(final, suffix=".weights.h5") as tmp:
+                _record(self.backup, recorded | {os.path.basename(tmp)})  # before writing it
                 model.save_weights(tmp)
-                final = backup_path(self.backup, epochs_done)
-                os.replace(tmp, final)
-            finally:
-                if os.path.isfile(tmp):
-                    os.remove(tmp)
-            _record(self.backup, recorded - {os.path.basename(tmp)} | {os.path.basename(final)})
+            _record(self.backup, recorded | {os.path.basename(final)})
         except OSError as err:
             raise ConfigError(
                 f"could not write the backup after epoch {epochs_done} to {self.backup} "
@@ -715,7 +715,6 @@ class EpochBackup(keras.callbacks.Callback):
         self.run.check_free_space(self.model)
         with self.scope():
             epoch = self.run.restore(self.model, self.epochs, self.steps_per_epoch)
-        self.run.initial_epoch = epoch
         if epoch is not None:
             self.model._initial_epoch = epoch  # what BackupAndRestore sets for `fit`
             logger.info(
