@@ -1,6 +1,9 @@
-"""Files written so that a crash never leaves half of one: temp file, then rename."""
+"""File helpers: files written so that a crash never leaves half of one (temp
+file, then rename), paths checked before long work, JSON objects read with
+clear errors."""
 
 import contextlib
+import json
 import os
 import tempfile
 
@@ -24,6 +27,36 @@ def atomic_path(path, suffix=""):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def read_json_object(path, what=None, advice=""):
+    """The JSON object in the file `path`, `None` when there is no such file.
+
+    Args:
+        path: the file.
+        what: what the file is, for the messages (e.g. "the run's settings").
+        advice: the end of every message (what the user can do).
+
+    Raises:
+        ConfigError: naming the file, when it cannot be read, is not JSON
+            (nested too deeply included) or holds another JSON value.
+    """
+    if not os.path.exists(path):
+        return None
+    label = f"{path} ({what})" if what else path
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except OSError as err:
+        raise ConfigError(f"cannot read {label} ({err.strerror or err}){advice}") from None
+    except (ValueError, RecursionError) as err:
+        deep = isinstance(err, RecursionError)
+        reason = "RecursionError: nested too deeply" if deep else f"{type(err).__name__}: {err}"
+        raise ConfigError(f"{label} is damaged ({reason}){advice}") from None
+    if not isinstance(value, dict):
+        kind = {list: "list", str: "string"}.get(type(value), "number or constant")
+        raise ConfigError(f"{label} is a JSON {kind}, not an object{advice}")
+    return value
 
 
 def current_umask():

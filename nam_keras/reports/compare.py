@@ -37,6 +37,8 @@ from nam_keras.errors import ConfigError
 from nam_keras.training.run_directory import RunDirectory
 
 PROG = "python -m nam_keras.reports.compare"
+#: How a message about a file the report cannot use ends.
+NOT_OURS = ": not a file of train.py"
 COLUMNS = (
     ("run", "run"),
     ("attention", "attention"),
@@ -132,25 +134,6 @@ def read_log(path):
     return columns
 
 
-def read_object(path):
-    """The JSON object in `path`, `None` when absent; `ConfigError` when it is not one."""
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except OSError as err:
-        raise ConfigError(f"cannot read {path} ({err.strerror or err})") from None
-    except (ValueError, RecursionError) as err:
-        deep = isinstance(err, RecursionError)
-        reason = "RecursionError: nested too deeply" if deep else f"{type(err).__name__}: {err}"
-        raise ConfigError(f"{path} is damaged ({reason}): not a file of train.py") from None
-    if not isinstance(value, dict):
-        kind = {list: "list", str: "string"}.get(type(value), "number or constant")
-        raise ConfigError(f"{path} is a JSON {kind}, not an object: not a file of train.py")
-    return value
-
-
 def _name(path, config, key):
     """`config[key]`: a string, or `None` when absent; `ConfigError` for anything else."""
     value = config.get(key)
@@ -194,11 +177,11 @@ def read_run(run_dir):
     if not os.path.isdir(run_dir):
         raise ConfigError(f"{run_dir} is not a folder; expected a run directory of train.py")
     paths = RunDirectory(run_dir, output="")  # its file names only; nothing is opened
-    config = read_object(paths.config_json)
+    config = io.read_json_object(paths.config_json, advice=NOT_OURS)
     if config is None:
         raise ConfigError(f"{run_dir} has no config.json: not a run directory of train.py")
     settings = {key: _name(paths.config_json, config, key) for key in ("model", "recipe")}
-    summary = read_object(paths.summary_json) or {}
+    summary = io.read_json_object(paths.summary_json, advice=NOT_OURS) or {}
     figures = {key: _count(paths.summary_json, summary, key) for key in COUNTS}
     figures["complete"] = _complete(paths.summary_json, summary)
     log = read_log(paths.log_csv)

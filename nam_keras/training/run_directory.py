@@ -74,20 +74,10 @@ def backup_path(backup_dir, epoch):
 
 
 def read_json(path, what):
-    """A JSON object from `path`, `None` when absent; `ConfigError` when damaged."""
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            value = json.load(f)
-    except (OSError, ValueError, RecursionError) as err:  # RecursionError: nested too deeply
-        raise ConfigError(
-            f"{path} ({what}) is damaged ({type(err).__name__}: {err}); pass --no-resume to "
-            "start afresh or choose another --run-dir."
-        ) from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"{path} ({what}) is not a JSON object; pass --no-resume.")
-    return value
+    """A JSON object of the run directory, `None` when absent; `ConfigError` when
+    damaged, naming the way out (`io.read_json_object`)."""
+    advice = "; pass --no-resume to start afresh or choose another --run-dir."
+    return io.read_json_object(path, what, advice)
 
 
 # ------------------------------------------------------------------ backups
