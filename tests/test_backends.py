@@ -85,6 +85,7 @@ MODEL_SIDE_TESTS = [
     "tests/test_attention.py",
     "tests/test_attention_baselines.py",
     "tests/test_attention_contract.py",
+    "tests/test_batch_norm_nam.py",
     "tests/test_normalization.py",
     "tests/test_resnet.py",
     "tests/test_optimizers.py",

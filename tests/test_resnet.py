@@ -86,11 +86,19 @@ def test_layer_names_are_readable_and_unique():
 
 
 def test_nam_is_after_last_bn_and_before_add():
+    unfused = build_resnet(depth=50, width=8, fuse_attention=False)
+    nam = unfused.get_layer("stage3_block2_nam")
+    assert type(nam) is nam_keras.NAMAttention
+    assert nam.input is unfused.get_layer("stage3_block2_bn3").output
+    assert nam.output in list(unfused.get_layer("stage3_block2_add").input)
+    # Fused (the default): one layer in place of the two, holding the BN as `input_bn`.
     model = build_resnet(depth=50, width=8)
     nam = model.get_layer("stage3_block2_nam")
-    assert nam.input is model.get_layer("stage3_block2_bn3").output
-    add = model.get_layer("stage3_block2_add")
-    assert nam.output in list(add.input)
+    assert type(nam) is nam_keras.BatchNormNAM and nam.input_bn.epsilon == 1e-5
+    assert nam.input is model.get_layer("stage3_block2_conv3").output
+    assert nam.output in list(model.get_layer("stage3_block2_add").input)
+    assert "stage3_block2_bn3" not in [layer.name for layer in model.layers]
+    assert model.count_params() == unfused.count_params()
 
 
 def test_bn_settings_everywhere(layers_of):

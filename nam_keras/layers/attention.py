@@ -17,6 +17,9 @@ _TINY = 1e-12
 
 #: name -> attention layer class; fill it with `register_attention`.
 ATTENTIONS = {}
+#: name -> the class computing a BatchNormalization and that attention as one
+#: layer; fill it with `register_batch_norm_fusion`.
+BATCH_NORM_FUSIONS = {}
 
 
 def register_attention(name):
@@ -40,6 +43,24 @@ def register_attention(name):
         if name in ATTENTIONS and ATTENTIONS[name] is not cls:
             raise ValueError(f"attention {name!r} is already registered to {ATTENTIONS[name]!r}.")
         ATTENTIONS[name] = cls
+        return cls
+
+    return decorator
+
+
+def register_batch_norm_fusion(name):
+    """Class decorator: the registered attention `name` has a fused form with
+    the BatchNormalization in front of it, this class.
+
+    The class is constructed as `cls(name=..., dtype=..., synchronized=...,
+    **kwargs)` with the attention's own arguments, takes the BN's input, and
+    computes `attention(BN(x))`; its static method `accepts(kwargs)` says
+    whether it fuses the attention with those arguments. `build_resnet` uses
+    it for the last BN of every block where it applies.
+    """
+
+    def decorator(cls):
+        BATCH_NORM_FUSIONS[name] = cls
         return cls
 
     return decorator
@@ -251,7 +272,14 @@ class NAMAttention(keras.layers.Layer):
         if bn.axis % rank != rank - 1:
             w = ops.expand_dims(w, -1)  # pixel BN: (H*W, 1) against (N, H*W, C)
         z = bn(x, training=training, scale_factor=w)
-        return ops.sigmoid(ops.cast(z, self.gate_dtype)) * ops.cast(x, self.gate_dtype)
+        dtype = self.gate_compute_dtype
+        return ops.cast(ops.sigmoid(ops.cast(z, dtype)) * ops.cast(x, dtype), self.gate_dtype)
+
+    @property
+    def gate_compute_dtype(self):
+        """The dtype the gate and the product are computed in: `gate_dtype`
+        (a subclass may compute wider than it returns)."""
+        return self.gate_dtype
 
     @property
     def gate_dtype(self):

@@ -11,7 +11,13 @@ import keras
 import numpy as np
 
 from nam_keras import cifar100
-from nam_keras.layers.attention import ATTENTIONS, NAMAttention, create_attention
+from nam_keras.layers import batch_norm_nam  # noqa: F401  (registers NAM's fusion with BN)
+from nam_keras.layers.attention import (
+    ATTENTIONS,
+    BATCH_NORM_FUSIONS,
+    NAMAttention,
+    create_attention,
+)
 from nam_keras.layers.initializers import CONV_INIT, DENSE_INIT
 from nam_keras.layers.normalization import batch_normalization
 
@@ -39,12 +45,16 @@ class BlockSettings:
         attention: `None` or a function `(channels, name) -> layer` applied
             to the residual branch of every block.
         attention_tag: the suffix of the attention layers' names (`"nam"`).
+        fused_attention: `None` or a function `name -> layer` computing the
+            branch's last BatchNormalization and the attention as one layer
+            (`register_batch_norm_fusion`); used instead of both where given.
     """
 
     dtype: str = "float32"
     sync_bn: bool = False
     attention: object = None
     attention_tag: str = "attn"
+    fused_attention: object = None
 
 
 # ------------------------------------------------------------------ layers
@@ -107,13 +117,18 @@ def stream_dtype(x, settings):
     return "float32" if wider else settings.dtype
 
 
-def apply_block_output(x, residual, strides, name, settings):
-    """Attention on the residual branch, the shortcut of the block input `x`,
-    the addition and the final ReLU."""
+def apply_block_output(x, residual, bn_name, strides, name, settings):
+    """The branch's last BN (named `bn_name`) and attention on the residual
+    branch, the shortcut of the block input `x`, the addition and the final
+    ReLU. A fused BN+attention layer takes the place of both where there is one."""
     out_channels = residual.shape[-1]
-    if settings.attention is not None:
-        layer_name = f"{name}_{settings.attention_tag}"
-        residual = settings.attention(out_channels, layer_name)(residual)
+    layer_name = f"{name}_{settings.attention_tag}"
+    if settings.fused_attention is not None:
+        residual = settings.fused_attention(layer_name)(residual)
+    else:
+        residual = batch_norm(residual, bn_name, settings)
+        if settings.attention is not None:
+            residual = settings.attention(out_channels, layer_name)(residual)
     shortcut = apply_shortcut(x, out_channels, strides, name, settings)
     dtype = stream_dtype(residual, settings)
     y = keras.layers.Add(name=f"{name}_add", dtype=dtype)([residual, shortcut])
@@ -126,8 +141,7 @@ def apply_basic_block(x, filters, strides, name, settings):
     y = batch_norm(y, f"{name}_bn1", settings)
     y = relu(y, f"{name}_relu1", settings)
     y = conv2d(y, filters, 3, 1, f"{name}_conv2", settings)
-    y = batch_norm(y, f"{name}_bn2", settings)
-    return apply_block_output(x, y, strides, name, settings)
+    return apply_block_output(x, y, f"{name}_bn2", strides, name, settings)
 
 
 def apply_bottleneck_block(x, filters, strides, name, settings):
@@ -140,8 +154,7 @@ def apply_bottleneck_block(x, filters, strides, name, settings):
     y = batch_norm(y, f"{name}_bn2", settings)
     y = relu(y, f"{name}_relu2", settings)
     y = conv2d(y, out_channels, 1, 1, f"{name}_conv3", settings)
-    y = batch_norm(y, f"{name}_bn3", settings)
-    return apply_block_output(x, y, strides, name, settings)
+    return apply_block_output(x, y, f"{name}_bn3", strides, name, settings)
 
 
 BLOCKS = {"basic": apply_basic_block, "bottleneck": apply_bottleneck_block}
@@ -239,6 +252,17 @@ def attention_settings(attention, attention_kwargs, dtype, sync_bn):
     )
 
 
+def fused_attention_settings(attention, attention_kwargs, dtype, sync_bn):
+    """A function `name -> layer` computing the block's last BN and the
+    registered `attention` as one layer (`register_batch_norm_fusion`), or
+    `None` where the attention has no such form or not with these arguments."""
+    fused = BATCH_NORM_FUSIONS.get(attention) if isinstance(attention, str) else None
+    kwargs = dict(attention_kwargs or {})
+    if fused is None or not fused.accepts(kwargs):
+        return None
+    return lambda name: fused(name=name, dtype=dtype, synchronized=sync_bn, **kwargs)
+
+
 def build_resnet(
     depth=50,
     num_classes=100,
@@ -250,6 +274,7 @@ def build_resnet(
     width=64,
     sync_bn=False,
     dtype=None,
+    fuse_attention=True,
     name=None,
 ):
     """Builds a ResNet for CIFAR as a functional `keras.Model`.
@@ -285,6 +310,14 @@ def build_resnet(
         dtype: dtype policy for every layer (e.g. `"mixed_bfloat16"`), given
             to each layer explicitly; `None` takes the global policy once, here
             (as a Keras layer does). The logits are always float32.
+        fuse_attention: where the attention has a form fused with the
+            BatchNormalization in front of it (NAM with channel attention:
+            `BatchNormNAM`), compute the block's last BN and the attention as
+            that one layer, named like the attention layer (the same function
+            and variables, a fraction of the memory traffic). `False` builds
+            the two layers one after the other (`stage1_block1_bn3`, then
+            `stage1_block1_nam`): the reference the fused form is tested
+            against. Defaults to `True`.
         name: model name; defaults to e.g. `"resnet50_nam"`.
 
     Returns:
@@ -308,7 +341,12 @@ def build_resnet(
     dtype = dtype.name
     factory, tag, placement = attention_settings(attention, attention_kwargs, dtype, sync_bn)
     in_blocks = factory if placement == "block" else None
-    settings = BlockSettings(dtype=dtype, sync_bn=sync_bn, attention=in_blocks, attention_tag=tag)
+    fused = None
+    if fuse_attention and in_blocks is not None:
+        fused = fused_attention_settings(attention, attention_kwargs, dtype, sync_bn)
+    settings = BlockSettings(
+        dtype=dtype, sync_bn=sync_bn, attention=in_blocks, attention_tag=tag, fused_attention=fused
+    )
     kind, blocks_per_stage = RESNET_CONFIGS[depth]
 
     # === Functional Model ===
