@@ -42,6 +42,7 @@ from nam_keras.layers.attention import (
     register_attention,
 )
 from nam_keras.layers.attention_baselines import BAMAttention, CBAMAttention, SEAttention
+from nam_keras.layers.batch_norm_nam import BatchNormNAM
 from nam_keras.layers.normalization import BN_EPSILON, BN_MOMENTUM, batch_normalization
 from nam_keras.models.resnet import RESNET_CONFIGS, build_resnet, nam_layers
 from nam_keras.training.callbacks import NAMSparsity, StopOnNonFiniteLoss
@@ -68,6 +69,7 @@ __all__ = [
     "CIFAR100_STD",
     "RESNET_CONFIGS",
     "BAMAttention",
+    "BatchNormNAM",
     "CBAMAttention",
     "ConfigError",
     "DataError",
