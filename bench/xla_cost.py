@@ -1,7 +1,8 @@
 """XLA's cost analysis of one training step: FLOPs and bytes accessed per attention module.
 
     python bench/xla_cost.py --json xla_cost.json       # ResNet-50, batch 64, mixed_bfloat16
-    python bench/xla_cost.py --modules baseline,nam --nam-kwargs '{"float32_gate": false}'
+    python bench/xla_cost.py --modules baseline,nam --nam-kwargs '{"float32_gate": true}'
+    python bench/xla_cost.py --modules nam,nam_unfused   # BatchNormNAM against BN then NAM
     python bench/xla_cost.py --nam-kwargs '{}' --nam-kwargs '{"float32_gate": false}'
     python bench/xla_cost.py --smoke                    # seconds: depth 18, width 4, 16x16
 
@@ -35,6 +36,8 @@ from gpu import keras_train_step
 from nam_keras import TorchSGD, build_resnet
 
 MODULES = ("baseline", "nam", "se", "cbam", "bam")
+#: extra rows by name: (attention, build_resnet arguments)
+VARIANTS = {"nam_unfused": ("nam", {"fuse_attention": False})}
 SMOKE = {"depth": 18, "width": 4, "size": 16, "batch": 4}
 #: the keys of `cost_analysis()` reported, and their names in the rows.
 COSTS = {"flops": "flops", "bytes accessed": "bytes_accessed", "transcendentals": "transcendentals"}
@@ -58,7 +61,7 @@ def abstract(value, device):
     return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
 
 
-def step_costs(cfg, attention, kwargs, device):
+def step_costs(cfg, attention, kwargs, device, build_kwargs=None):
     """Cost figures of one compiled training step of the ResNet with `attention`."""
     import jax
 
@@ -72,6 +75,7 @@ def step_costs(cfg, attention, kwargs, device):
         attention_kwargs=kwargs or None,
         input_shape=(size, size, 3),
         dtype=cfg["precision"],
+        **(build_kwargs or {}),
     )
     optimizer = TorchSGD(learning_rate=0.01)
     if cfg["precision"] == "mixed_float16":
@@ -93,20 +97,22 @@ def step_costs(cfg, attention, kwargs, device):
 
 
 def module_list(args):
-    """`[(label, attention, kwargs)]`: the baseline first, one NAM row per `--nam-kwargs`."""
+    """`[(label, attention, kwargs, build_kwargs)]`: the baseline first, one NAM
+    row per `--nam-kwargs` (and per `nam_unfused`)."""
     names = [m.strip().lower() for m in args.modules.split(",") if m.strip()]
-    unknown = sorted(set(names) - set(MODULES))
+    unknown = sorted(set(names) - set(MODULES) - set(VARIANTS))
     if unknown:
-        raise SystemExit(f"unknown modules {unknown}; expected some of {list(MODULES)}")
+        raise SystemExit(f"unknown modules {unknown}; expected some of {[*MODULES, *VARIANTS]}")
     variants = [json.loads(k) for k in args.nam_kwargs or ["{}"]]
-    out = [("baseline", None, {})]
+    out = [("baseline", None, {}, {})]
     for name in dict.fromkeys(names):
-        if name == "nam":
+        attention, build_kwargs = VARIANTS.get(name, (name, {}))
+        if attention == "nam":
             for kwargs in variants:
-                label = f"nam {json.dumps(kwargs, sort_keys=True)}" if kwargs else "nam"
-                out.append((label, "nam", kwargs))
+                label = f"{name} {json.dumps(kwargs, sort_keys=True)}" if kwargs else name
+                out.append((label, "nam", kwargs, build_kwargs))
         elif name != "baseline":
-            out.append((name, name, {}))
+            out.append((name, name, {}, build_kwargs))
     return out
 
 
@@ -137,7 +143,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--precision", default="mixed_bfloat16", help="a Keras dtype policy")
     p.add_argument(
-        "--modules", default=",".join(MODULES), help="comma list of " + ",".join(MODULES)
+        "--modules",
+        default=",".join(MODULES),
+        help="comma list of " + ",".join([*MODULES, *VARIANTS]),
     )
     p.add_argument(
         "--nam-kwargs",
@@ -160,9 +168,9 @@ def main(argv=None):
     print(f"machine: {harness.machine()}; {software}; compiled for {device}")
     print_header(cfg)
     rows = []
-    for label, attention, kwargs in module_list(args):
-        r = {"module": label, "attention": attention, "attention_kwargs": kwargs}
-        r.update(step_costs(cfg, attention, kwargs, device))
+    for label, attention, kwargs, build_kwargs in module_list(args):
+        r = {"module": label, "attention": attention, "attention_kwargs": kwargs, **build_kwargs}
+        r.update(step_costs(cfg, attention, kwargs, device, build_kwargs))
         base = rows[0] if rows else r
         r["flops_ratio"] = r["flops"] / base["flops"]
         r["bytes_ratio"] = r["bytes_accessed"] / base["bytes_accessed"]

@@ -127,16 +127,35 @@ def interrupt_when(run_script):
 
 def forward_backward(fn, x, variables):
     """`[fn(x), d loss/dx, d loss/d variables...]` as float32 NumPy arrays, for a
-    loss that is not a plain sum (so the incoming gradient varies)."""
+    loss that is not a plain sum (so the incoming gradient varies). TensorFlow
+    (a tape) or JAX (`jax.grad` of a stateless call: the variables' updates,
+    such as moving statistics, are not applied)."""
+
+    def loss_of(out):
+        out32 = keras.ops.cast(out, "float32")
+        return keras.ops.sum(out32 * keras.ops.cos(out32))
+
+    as_np = lambda t: np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(t, "float32")))
+    if keras.backend.backend() == "jax":
+        import jax
+
+        def f(values, x):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                out = fn(x)
+            return loss_of(out), out
+
+        grad = jax.grad(f, argnums=(0, 1), has_aux=True)
+        (d_values, d_x), out = grad([v.value for v in variables], keras.ops.convert_to_tensor(x))
+        return [as_np(t) for t in (out, d_x, *d_values)]
     import tensorflow as tf
 
+    x = tf.convert_to_tensor(x)
     with tf.GradientTape() as tape:
         tape.watch(x)
         out = fn(x)
-        out32 = tf.cast(out, "float32")
-        loss = tf.reduce_sum(out32 * tf.cos(out32))
+        loss = loss_of(out)
     grads = tape.gradient(loss, [x, *variables])
-    return [np.asarray(tf.cast(t, "float32")) for t in (out, *grads)]
+    return [as_np(t) for t in (out, *grads)]
 
 
 @pytest.fixture

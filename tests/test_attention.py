@@ -354,16 +354,23 @@ def test_mixed_precision_keeps_the_modulation_at_initialisation(rng, policy):
 
 
 def test_float32_gate_keeps_the_residual_stream_float32_in_the_network():
-    model = build_resnet(depth=18, width=8, dtype="mixed_bfloat16")
+    """NAMAttention after a BN (`fuse_attention=False`) returns float32 by
+    default, and the addition, ReLU and pooling after it stay float32. The
+    fused BatchNormNAM (the default) computes its gate in float32 from an
+    unrounded BN output and returns the compute dtype unless asked."""
+    unfused = build_resnet(depth=18, width=8, dtype="mixed_bfloat16", fuse_attention=False)
     for name in ("stage1_block1_nam", "stage1_block1_add", "stage4_block2_out", "avg_pool"):
-        assert model.get_layer(name).output.dtype == "float32", name
-    assert model.get_layer("stage2_block1_conv1").compute_dtype == "bfloat16"
+        assert unfused.get_layer(name).output.dtype == "float32", name
+    assert unfused.get_layer("stage2_block1_conv1").compute_dtype == "bfloat16"
+    wide = build_resnet(
+        depth=18, width=8, dtype="mixed_bfloat16", attention_kwargs={"float32_gate": True}
+    )
+    assert wide.get_layer("stage4_block2_out").output.dtype == "float32"
+    for kwargs in ({}, {"float32_gate": False}):
+        narrow = build_resnet(depth=18, width=8, dtype="mixed_bfloat16", attention_kwargs=kwargs)
+        assert narrow.get_layer("stage1_block1_add").output.dtype == "bfloat16", kwargs
     plain = build_resnet(depth=18, width=8, dtype="mixed_bfloat16", attention=None)
     assert plain.get_layer("stage1_block1_add").output.dtype == "bfloat16"
-    legacy = build_resnet(
-        depth=18, width=8, dtype="mixed_bfloat16", attention_kwargs={"float32_gate": False}
-    )
-    assert legacy.get_layer("stage1_block1_add").output.dtype == "bfloat16"
 
 
 # ------------------------------------------------------------------ float64

@@ -149,12 +149,17 @@ def test_xla_cost_reads_a_dict_or_a_list_of_dicts(xla_cost):
 def test_xla_cost_modules_put_the_baseline_first_and_one_nam_row_per_kwargs(xla_cost):
     from types import SimpleNamespace
 
-    args = SimpleNamespace(modules="se,nam", nam_kwargs=["{}", '{"float32_gate": false}'])
+    args = SimpleNamespace(
+        modules="se,nam,nam_unfused", nam_kwargs=["{}", '{"float32_gate": true}']
+    )
+    unfused = {"fuse_attention": False}
     assert xla_cost.module_list(args) == [
-        ("baseline", None, {}),
-        ("se", "se", {}),
-        ("nam", "nam", {}),
-        ('nam {"float32_gate": false}', "nam", {"float32_gate": False}),
+        ("baseline", None, {}, {}),
+        ("se", "se", {}, {}),
+        ("nam", "nam", {}, {}),
+        ('nam {"float32_gate": true}', "nam", {"float32_gate": True}, {}),
+        ("nam_unfused", "nam", {}, unfused),
+        ('nam_unfused {"float32_gate": true}', "nam", {"float32_gate": True}, unfused),
     ]
     with pytest.raises(SystemExit, match="unknown modules"):
         xla_cost.module_list(SimpleNamespace(modules="nam,eca", nam_kwargs=None))

@@ -29,47 +29,20 @@ import keras
 from keras import ops
 
 from nam_keras.layers.attention import NAMAttention, register_batch_norm_fusion
-from nam_keras.layers.normalization import BN_EPSILON, BN_MOMENTUM, batch_normalization
+from nam_keras.layers.normalization import (
+    BN_EPSILON,
+    BN_MOMENTUM,
+    batch_normalization,
+    channel_sums,
+    first_upstream,
+    moments,
+    recomputed,
+    update_moving_statistics,
+)
 
 #: backends whose `keras.ops.custom_gradient` the fused gradient uses; elsewhere
 #: (PyTorch) the closed form is left to autodiff, which is the same function.
 _CUSTOM_GRADIENT_BACKENDS = ("jax", "tensorflow")
-
-
-def _channel_sums(*terms):
-    """Per-channel sums over every axis but the last of each channels-last term.
-
-    On JAX all of them are one variadic reduction, which XLA fuses with the
-    element-wise producers of its operands: one read of their inputs, none of
-    the terms written out (separate sums make XLA write the terms first).
-    """
-    axes = tuple(range(len(terms[0].shape) - 1))
-    if keras.backend.backend() != "jax":
-        return [ops.sum(t, axis=axes) for t in terms]
-    from jax import lax
-
-    zeros = tuple(ops.zeros((), t.dtype) for t in terms)
-    return lax.reduce(terms, zeros, lambda a, b: tuple(p + q for p, q in zip(a, b)), axes)
-
-
-def _recomputed(*tensors):
-    """`tensors` unchanged; on JAX behind an optimisation barrier, so that XLA
-    recomputes what a second pass derives from them instead of sharing (and
-    so writing out) the first pass's intermediate values."""
-    if keras.backend.backend() != "jax":
-        return tensors
-    from jax import lax
-
-    return lax.optimization_barrier(tensors)
-
-
-def _moments(x):
-    """Per-channel batch mean and biased variance of a channels-last `x`, in
-    one pass (the sums of `x` and `x**2`)."""
-    n = ops.cast(ops.prod(ops.shape(x)[:-1]), x.dtype)
-    total, squares = _channel_sums(x, ops.square(x))
-    mean = total / n
-    return mean, ops.maximum(squares / n - ops.square(mean), 0.0)
 
 
 def _nam_scale(v, gamma3, k, eps3, eps_nam):
@@ -91,7 +64,7 @@ def _gated(xhat, gamma3, beta3, c, d):
 def _training_closed_form(x, gamma3, beta3, k, d, eps3, eps_nam):
     """The block end in training, left to autodiff: `(out, mean, v, var_y)`."""
     x = ops.cast(x, gamma3.dtype)
-    mean, v = _moments(x)
+    mean, v = moments(x)
     inv = ops.rsqrt(v + eps3)
     c, var_y, _ = _nam_scale(v, gamma3, k, eps3, eps_nam)
     out, _, _ = _gated((x - mean) * inv, gamma3, beta3, c, d)
@@ -105,28 +78,19 @@ def _training_custom_gradient(eps3, eps_nam):
     @ops.custom_gradient
     def fused(x, gamma3, beta3, k, d):
         xf = ops.cast(x, gamma3.dtype)
-        mean, v = _moments(xf)
+        mean, v = moments(xf)
         inv = ops.rsqrt(v + eps3)
         c, var_y, s = _nam_scale(v, gamma3, k, eps3, eps_nam)
         out, _, _ = _gated((xf - mean) * inv, gamma3, beta3, c, d)
 
         def grad(*args, upstream=None):
-            g = _first_upstream(args, upstream)
+            g = first_upstream(args, upstream)
             grads = _backward(g, x, mean, inv, v, gamma3, beta3, k, c, d, s, eps3, eps_nam)
             return (ops.cast(grads[0], x.dtype), *grads[1:])
 
         return (out, mean, v, var_y), grad
 
     return fused
-
-
-def _first_upstream(args, upstream):
-    """The gradient of `out` from a custom-gradient call: JAX passes one tuple,
-    TensorFlow one tensor per output (the statistics' are unused)."""
-    g = upstream if upstream is not None else args
-    while isinstance(g, (tuple, list)):
-        g = g[0]
-    return g
 
 
 def _backward(g, x, mean, inv, v, gamma3, beta3, k, c, d, s, eps3, eps_nam):
@@ -148,7 +112,7 @@ def _backward(g, x, mean, inv, v, gamma3, beta3, k, c, d, s, eps3, eps_nam):
         return xhat, t, t * (1.0 - gate) * y
 
     xhat, t, u = terms(g, x)
-    s_a, s_b, s_c, s_d = _channel_sums(t * xhat, t, u * xhat, u)
+    s_a, s_b, s_c, s_d = channel_sums(t * xhat, t, u * xhat, u)
     # c = k * gamma3 * s with s = (gamma3^2 v / (v + eps3) + eps_nam)^(-1/2):
     dc_dv = -0.5 * k * gamma3**3 * s**3 * eps3 * inv**4
     dc_dgamma3 = k * eps_nam * s**3
@@ -157,7 +121,7 @@ def _backward(g, x, mean, inv, v, gamma3, beta3, k, c, d, s, eps3, eps_nam):
     dxhat_xhat_sum = gamma3 * s_a + c * s_c
     offset = -inv * dxhat_sum / n
     slope = (-inv * dxhat_xhat_sum + 2.0 * s_c * dc_dv / inv) / n
-    xhat, t, u = terms(*_recomputed(g, x))  # a second pass over g and x
+    xhat, t, u = terms(*recomputed(g, x))  # a second pass over g and x
     dx = inv * (gamma3 * t + c * u) + offset + slope * xhat
     return (
         dx,
@@ -300,11 +264,9 @@ class BatchNormNAM(NAMAttention):
         k = w * ops.cast(nam.gamma, dtype)
         d = w * ops.cast(nam.beta, dtype)
         if training:
-            out, mean, v, var_y = bn_nam_training(
-                x, gamma3, beta3, k, d, bn3.epsilon, nam.epsilon
-            )
-            _update_moving(bn3, mean, v)
-            _update_moving(nam, ops.stop_gradient(beta3), var_y)
+            out, mean, v, var_y = bn_nam_training(x, gamma3, beta3, k, d, bn3.epsilon, nam.epsilon)
+            update_moving_statistics(bn3, mean, v)
+            update_moving_statistics(nam, ops.stop_gradient(beta3), var_y)
         else:
             out = bn_nam_inference(
                 x,
@@ -326,14 +288,3 @@ class BatchNormNAM(NAMAttention):
         config = super().get_config()
         config.update({"input_epsilon": self.input_epsilon, "input_momentum": self.input_momentum})
         return config
-
-
-def _update_moving(bn, mean, variance):
-    """Keras' moving-average update of `bn` (biased batch variance)."""
-    m = bn.momentum
-    bn.moving_mean.assign(
-        bn.moving_mean * m + ops.cast(mean, bn.moving_mean.dtype) * (1.0 - m)
-    )
-    bn.moving_variance.assign(
-        bn.moving_variance * m + ops.cast(variance, bn.moving_variance.dtype) * (1.0 - m)
-    )

@@ -1,9 +1,11 @@
-"""The network's BatchNormalization: the reference settings, and TensorFlow's
-fused kernel where it applies.
+"""The network's BatchNormalization: the reference settings, and a fast path
+on each backend where it applies (TensorFlow's fused kernel; on JAX a
+hand-written gradient whose reductions XLA fuses into one pass each way).
 
 Every BN of `build_resnet` and of the attention modules comes from
-`batch_normalization`, so their settings and the fast path live here and
-nowhere else.
+`batch_normalization`, so their settings and the fast paths live here and
+nowhere else; the per-channel reductions and moving averages that
+`BatchNormNAM` shares with it too.
 """
 
 import contextlib
@@ -31,6 +33,97 @@ def fused_kernels(enabled):
         yield
     finally:
         _default_fused.pop()
+
+
+def channel_sums(*terms):
+    """Per-channel sums over every axis but the last of each channels-last term.
+
+    On JAX all of them are one variadic reduction, which XLA fuses with the
+    element-wise producers of its operands: one read of their inputs, none of
+    the terms written out (separate sums make XLA write the terms first).
+    """
+    axes = tuple(range(len(terms[0].shape) - 1))
+    if keras.backend.backend() != "jax":
+        return [ops.sum(t, axis=axes) for t in terms]
+    from jax import lax
+
+    zeros = tuple(ops.zeros((), t.dtype) for t in terms)
+    return lax.reduce(terms, zeros, lambda a, b: tuple(p + q for p, q in zip(a, b)), axes)
+
+
+def recomputed(*tensors):
+    """`tensors` unchanged; on JAX behind an optimisation barrier, so that XLA
+    recomputes what a second pass derives from them instead of sharing (and
+    so writing out) the first pass's intermediate values."""
+    if keras.backend.backend() != "jax":
+        return tensors
+    from jax import lax
+
+    return lax.optimization_barrier(tensors)
+
+
+def moments(x):
+    """Per-channel batch mean and biased variance of a channels-last `x`, in
+    one pass (the sums of `x` and `x**2`)."""
+    n = ops.cast(ops.prod(ops.shape(x)[:-1]), x.dtype)
+    total, squares = channel_sums(x, ops.square(x))
+    mean = total / n
+    return mean, ops.maximum(squares / n - ops.square(mean), 0.0)
+
+
+def update_moving_statistics(bn, mean, variance):
+    """Keras' moving-average update of `bn` (biased batch variance)."""
+    m = bn.momentum
+    bn.moving_mean.assign(bn.moving_mean * m + ops.cast(mean, bn.moving_mean.dtype) * (1.0 - m))
+    bn.moving_variance.assign(
+        bn.moving_variance * m + ops.cast(variance, bn.moving_variance.dtype) * (1.0 - m)
+    )
+
+
+def first_upstream(args, upstream):
+    """The gradient of the first output of a `keras.ops.custom_gradient`
+    function: JAX passes one tuple, TensorFlow one tensor per output (the
+    other outputs here are statistics, without gradient)."""
+    g = upstream if upstream is not None else args
+    while isinstance(g, (tuple, list)):
+        g = g[0]
+    return g
+
+
+def batch_norm_training(x, gamma, beta, epsilon):
+    """`(gamma * (x - mean) / sqrt(var + epsilon) + beta, mean, var)` over the
+    batch (every axis but the last), with a hand-written gradient.
+
+    Computed in the dtype of `gamma` (float32 for 16-bit inputs), returned in
+    the dtype of `x`. Forward: one pass for both sums (`channel_sums`), one
+    for the output. Backward: one pass for the two sums the gradient needs,
+    one for the input gradient (`recomputed` keeps XLA from writing the
+    first pass's values out for the second). Keras' own BN left to autodiff
+    makes XLA write several full-size float32 intermediates instead.
+    """
+
+    @ops.custom_gradient
+    def normalize(x, gamma, beta):
+        dtype = gamma.dtype
+        mean, var = moments(ops.cast(x, dtype))
+        inv = ops.rsqrt(var + epsilon)
+        y = ops.cast((ops.cast(x, dtype) - mean) * (inv * gamma) + beta, x.dtype)
+
+        def grad(*args, upstream=None):
+            n = ops.cast(ops.prod(ops.shape(x)[:-1]), dtype)
+
+            def terms(g, x):
+                return ops.cast(g, dtype), (ops.cast(x, dtype) - mean) * inv
+
+            g, xhat = terms(first_upstream(args, upstream), x)
+            sum_g, sum_g_xhat = channel_sums(g, g * xhat)
+            g, xhat = terms(*recomputed(first_upstream(args, upstream), x))
+            dx = (gamma * inv) * (g - sum_g / n - xhat * (sum_g_xhat / n))
+            return ops.cast(dx, x.dtype), sum_g_xhat, sum_g
+
+        return (y, mean, var), grad
+
+    return normalize(x, gamma, beta)
 
 
 @keras.saving.register_keras_serializable(package="nam_keras")
@@ -95,9 +188,24 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
             and keras.backend.standardize_dtype(inputs.dtype) in _FUSED_DTYPES
         )
 
+    def _uses_custom_gradient(self, inputs, mask, training):
+        return (
+            self.fused is not False
+            and keras.backend.backend() == "jax"
+            and training
+            and self.trainable
+            and mask is None
+            and not getattr(self, "renorm", False)
+            and self.scale
+            and self.center
+            and self.axis % len(inputs.shape) == len(inputs.shape) - 1
+        )
+
     def call(self, inputs, training=None, mask=None, scale_factor=None):
         if self._uses_fused_kernel(inputs, mask):
             return self._fused_call(inputs, training, scale_factor)
+        if self._uses_custom_gradient(inputs, mask, training):
+            return self._custom_gradient_call(inputs, scale_factor)
         outputs = super().call(inputs, training=training, mask=mask)
         if scale_factor is not None:
             outputs = outputs * ops.cast(scale_factor, outputs.dtype)
@@ -141,6 +249,18 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
             data_format="NHWC",
             is_training=False,
         )[0]
+
+    def _custom_gradient_call(self, inputs, scale_factor):
+        dtype = "float64" if self.compute_dtype == "float64" else "float32"
+        gamma = ops.cast(self.gamma, dtype)
+        beta = ops.cast(self.beta, dtype)
+        if scale_factor is not None:
+            factor = ops.cast(scale_factor, dtype)
+            gamma, beta = gamma * factor, beta * factor
+        x = ops.cast(inputs, self.compute_dtype)
+        y, mean, var = batch_norm_training(x, gamma, beta, self.epsilon)
+        update_moving_statistics(self, ops.stop_gradient(mean), ops.stop_gradient(var))
+        return y
 
     def get_config(self):
         config = super().get_config()
