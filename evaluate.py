@@ -3,16 +3,12 @@
 python evaluate.py nam.keras                        # loss, top-1/top-5, worst classes, NAM report
 python evaluate.py nam.keras --json report.json --plots plots/
 python evaluate.py nam.keras --export export/nam    # SavedModel in export/nam/<next version>/
+python evaluate.py export/nam/1                     # what it exported: SavedModel, .tflite, .onnx
 """
 
-import os
 import sys
 
-if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:  # set: the user wants TensorFlow's own logging
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"  # errors only
-    os.environ["NAM_KERAS_QUIET_START"] = "1"  # and no start-up noise (nam_keras.console)
-
-from nam_keras import cli
+from nam_keras import cli  # (importing nam_keras quiets TensorFlow's start: nam_keras.console)
 from nam_keras.config import EvalConfig
 
 PROG = "evaluate.py"

@@ -16,13 +16,16 @@ concept, and by what each part needs:
 This module re-exports the public API of the backend-independent parts.
 """
 
-import os as _os
+from nam_keras import console as _console
 
-from nam_keras.console import QUIET_START as _QUIET_START
-from nam_keras.console import quiet_startup as _quiet_startup
+with _console.quiet_startup(enabled=_console.quiet_by_default()):
+    _console.tidy_python_messages()
+    import keras as _keras  # imports the backend: TensorFlow's start-up noise
 
-with _quiet_startup(enabled=_os.environ.get(_QUIET_START) == "1"):
-    import keras as _keras  # noqa: F401  (imports the backend: TensorFlow's start-up noise)
+    if _keras.backend.backend() == "tensorflow":  # CUDA's probing, noisy without a GPU
+        import tensorflow as _tf
+
+        _tf.config.list_physical_devices("GPU")
 
 from nam_keras.cifar100 import MEAN as CIFAR100_MEAN
 from nam_keras.cifar100 import STD as CIFAR100_STD

@@ -17,10 +17,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def write_run(folder, model, rows, summary=None):
+def write_run(folder, model, rows, summary=None, dataset="cifar100"):
     os.makedirs(folder)
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump({"model": model, "recipe": "official"}, f)
+        json.dump({"model": model, "recipe": "official", "dataset": dataset}, f)
     with open(os.path.join(folder, "log.csv"), "w") as f:
         f.write("epoch,lr,top1,top5,train_images_per_s,val_top1,val_top5\n")
         for row in rows:
@@ -166,6 +166,42 @@ def _plotted(monkeypatch):
 
     monkeypatch.setattr(compare, "_save", spy)
     return plotted
+
+
+def test_plots_label_runs_by_directory_and_name_data_and_recipe(tmp_path, monkeypatch):
+    """Two NAM seeds had one label ("nam"): each run is its directory now, the
+    line styles have a legend, and the title names the data and the recipe."""
+    texts = {}
+    save = compare._save
+
+    def spy(fig, path):
+        legends = [[t.get_text() for t in leg.get_texts()] for leg in fig.legends]
+        styles = [
+            [t.get_text() for t in ax.get_legend().get_texts()]
+            for ax in fig.axes
+            if ax.get_legend()
+        ]
+        texts[os.path.basename(path)] = (fig.get_suptitle(), legends, styles)
+        save(fig, path)
+
+    monkeypatch.setattr(compare, "_save", spy)
+    rows = [(0, 0.1, 0.2, 0.4, 50.0, 0.1, 0.3)]
+    for name, data in (
+        ("nam-seed0", "cifar100"),
+        ("nam-seed1", "cifar100"),
+        ("other", "synthetic"),
+    ):
+        write_run(tmp_path / name, "nam", rows, dataset=data)
+    write_run(tmp_path / "elsewhere" / "nam-seed0", "baseline", rows)
+    runs = [str(tmp_path / n) for n in ("nam-seed0", "nam-seed1", "elsewhere/nam-seed0")]
+    compare.compare(runs, str(tmp_path / "out"))
+    title, legends, styles = texts["accuracy.png"]
+    assert title == "Accuracy per epoch: CIFAR-100, recipe official"
+    assert legends == [[os.path.normpath(runs[0]), "nam-seed1", os.path.normpath(runs[2])]]
+    assert styles == [["validation", "train"]] * 2
+    assert texts["learning_rate.png"][1] == legends
+    compare.compare([runs[1], str(tmp_path / "other")], str(tmp_path / "out"))
+    assert texts["accuracy.png"][0].endswith(": CIFAR-100, synthetic data, recipe official")
 
 
 def _gap(values):

@@ -1,7 +1,10 @@
 """The quiet start: TensorFlow's start-up noise dropped, everything else kept."""
 
+import logging
 import os
+import subprocess
 import sys
+import warnings
 
 from nam_keras import console
 
@@ -38,3 +41,56 @@ def test_train_py_speaks_first(run_script, tmp_path):
     assert first.startswith("[nam-keras] device: CPU") and "precision float32" in first
     assert "missing" in out.splitlines()[-1]  # then the real error, shown
     assert "oneDNN" not in out and "absl::InitializeLog" not in out and "cuInit" not in out
+
+
+def test_our_warnings_are_one_line_and_tfds_notes_dropped():
+    other = warnings.formatwarning
+    ours = console.one_line_warnings(other)
+    inside = os.path.join(console.PACKAGE_DIR, "data", "sources.py")
+    assert ours("a subset", UserWarning, inside, 66, "warnings.warn(") == (
+        "[nam-keras] warning: a subset\n"
+    )
+    assert ours("theirs", UserWarning, "/elsewhere/k.py", 3, "x") == other(
+        "theirs", UserWarning, "/elsewhere/k.py", 3, "x"
+    )
+    records = []
+    absl = logging.getLogger("absl")
+    handler = logging.Handler()
+    handler.emit = records.append
+    absl.addHandler(handler)
+    try:
+        console.tidy_python_messages()  # (importing nam_keras did it already: idempotent)
+        absl.warning("Variant folder /data/cifar100/3.0.2 has no dataset_info.json")
+        absl.warning("another note")
+    finally:
+        absl.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["another note"]
+    assert warnings.formatwarning.nam_keras and len(absl.filters) == 1
+
+
+def test_every_entry_point_starts_quietly(tmp_path, make_cifar_archive):
+    """`import nam_keras` (here through the comparison's command line) without
+    TF_CPP_MIN_LOG_LEVEL: no oneDNN, CPU-feature or CUDA notes, our warning (a
+    small archive) on one line, then the error."""
+    archive, _ = make_cifar_archive(tmp_path / "c.tar.gz")
+    script = (
+        "import sys\n"
+        "from nam_keras.reports import compare\n"  # imports TensorFlow: first
+        "from nam_keras.data import sources\n"
+        "import keras; keras.ops.ones((2,)).numpy()\n"  # a first operation
+        f"sources.load_cifar100_arrays(data_dir={str(archive)!r})\n"
+        "sys.exit(compare.main(['missing']))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env.pop(console.QUIET_START, None)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert (proc.returncode, proc.stdout) == (2, "")
+    subset = "split has {} examples, fewer than CIFAR-100's {}; using it as a subset."
+    assert proc.stderr.splitlines() == [
+        f"[nam-keras] warning: {archive}: train {subset.format(6, 50000)}",
+        f"[nam-keras] warning: {archive}: test {subset.format(4, 10000)}",
+        "python -m nam_keras.reports.compare: error: missing is not a folder; expected a run "
+        "directory of train.py",
+    ]

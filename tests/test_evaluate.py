@@ -84,9 +84,16 @@ def test_evaluate_returns_the_report_and_the_paths(tmp_path):
     assert result.report["nam"] == evaluation.nam_report(result.model, config.near_zero)
     assert result.paths == {
         "plot": str(tmp_path / "plots" / "nam_weights.png"),
+        "confusion_plot": str(tmp_path / "plots" / "superclass_confusion.png"),
         "json": config.json,
     }
+    for key in ("plot", "confusion_plot"):
+        with open(result.paths[key], "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "r.json").read_text()) == result.report
+    predicted = np.asarray(test["confusion_matrix"]).sum(axis=0)  # images per predicted class
+    by_superclass = np.asarray(test["superclass_confusion_matrix"])
+    assert by_superclass.shape == (20, 20) and by_superclass.sum() == predicted.sum() == 24
 
 
 def _memorising_model(config, known):

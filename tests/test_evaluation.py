@@ -60,6 +60,7 @@ def test_console_lines_of_the_reports():
 
 
 def test_superclass_report_by_hand():
+    from nam_keras.cifar100 import CIFAR100_COARSE_LABELS as COARSE
     from nam_keras.cifar100 import CIFAR100_LABELS
 
     index = CIFAR100_LABELS.index
@@ -74,6 +75,23 @@ def test_superclass_report_by_hand():
     assert r["per_superclass"]["fish"] == {"examples": 1, "top1": 0.0, "superclass_top1": 1.0}
     assert r["per_superclass"]["people"]["superclass_top1"] == 0.0
     assert set(r["per_superclass"]) == {"fruit_and_vegetables", "fish", "people"}
+    # confusion matrices: rows the true class, columns the predicted one
+    cells = {
+        (i, j): n for i, row in enumerate(r["confusion_matrix"]) for j, n in enumerate(row) if n
+    }
+    assert cells == dict.fromkeys(zip(labels, predicted), 1)
+    coarse = COARSE.index
+    sup = {
+        (i, j): n
+        for i, row in enumerate(r["superclass_confusion_matrix"])
+        for j, n in enumerate(row)
+        if n
+    }
+    assert sup == {
+        (coarse("fruit_and_vegetables"), coarse("fruit_and_vegetables")): 1,
+        (coarse("fish"), coarse("fish")): 1,
+        (coarse("people"), coarse("large_carnivores")): 1,
+    }
     lines = evaluation.accuracy_lines("m", r)
     assert "superclasses: top-1 66.67%; near misses (wrong class, right superclass) 33.33%" in (
         "\n".join(lines)

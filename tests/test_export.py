@@ -11,6 +11,9 @@ import tensorflow as tf
 
 import evaluate
 import nam_keras
+from nam_keras.config import EvalConfig
+from nam_keras.errors import ConfigError
+from nam_keras.reports import evaluation
 from nam_keras.serving import export
 
 SAVED_MODEL_CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
@@ -140,42 +143,87 @@ def _litert_probabilities(path, images):
 LITERT_TOLERANCE = {"none": 1e-5, "float16": 1e-3, "dynamic": 5e-3}
 
 
-@pytest.mark.parametrize("quantize", ["none", "float16"])
-def test_litert_model_predicts_as_keras(trained_model, tmp_path, quantize):
-    path = export.export_tflite(
-        keras.models.load_model(trained_model), tmp_path / "m.tflite", quantize
-    )
+def _onnx_probabilities(path, images):
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (source,) = session.get_inputs()
+    assert (source.name, source.type, source.shape[1:]) == ("images", "tensor(uint8)", [32, 32, 3])
+    return session.run(["probabilities"], {"images": images})[0]
+
+
+def test_evaluate_reads_what_it_exports_with_the_same_figures(
+    trained_model, exported, tmp_path, capsys
+):
+    """The .keras file, its SavedModel, LiteRT (plain and int8) and ONNX exports:
+    the same probabilities, and evaluate.py reports the same figures for each."""
+    artefacts = {"keras": trained_model, "saved_model": exported / "1"}
+    artefacts["tflite"] = tmp_path / "m.tflite"
+    int8 = tmp_path / "m-int8.tflite"
+    for path, quantize in ((artefacts["tflite"], "none"), (int8, "dynamic")):
+        argv = [str(trained_model), "--skip-eval", "--export-tflite", str(path)]
+        assert evaluate.main([*argv, "--tflite-quantize", quantize]) == 0
+        printed = capsys.readouterr().out
+        assert "LiteRT model ->" in printed and "NAM report" not in printed  # the export only
+    model = keras.models.load_model(trained_model)
+    artefacts["onnx"] = export.export_onnx(model, str(tmp_path / "m.onnx"))
+    assert sorted(os.listdir(tmp_path)) == ["m-int8.tflite", "m.onnx", "m.tflite"]  # no tmp file
+    assert int8.stat().st_size < artefacts["tflite"].stat().st_size / 2  # int8 weights
     images = _images(6)
-    got = _litert_probabilities(path, images)
-    np.testing.assert_allclose(
-        got, _keras_probabilities(trained_model, images), atol=LITERT_TOLERANCE[quantize]
+    want = _keras_probabilities(trained_model, images)
+    np.testing.assert_allclose(_litert_probabilities(artefacts["tflite"], images), want, atol=1e-5)
+    got = _litert_probabilities(int8, images)
+    np.testing.assert_allclose(got, want, atol=LITERT_TOLERANCE["dynamic"])
+    np.testing.assert_allclose(_onnx_probabilities(artefacts["onnx"], images), want, atol=1e-5)
+    data = {"dataset": "synthetic", "synthetic_size": (8, 40), "batch_size": 16}
+    reports = {
+        kind: evaluation.evaluate(EvalConfig(model=str(path), **data)).report
+        for kind, path in artefacts.items()
+    }
+    assert [r["format"] for r in reports.values()] == list(artefacts)
+    first = reports["keras"]["test"]
+    assert sum(map(sum, first["confusion_matrix"])) == 40
+    for kind, report in reports.items():
+        test = report["test"]
+        assert test["loss"] == pytest.approx(first["loss"], rel=1e-5), kind
+        assert (test["top1"], test["top5"]) == (first["top1"], first["top5"]), kind
+        assert test["confusion_matrix"] == first["confusion_matrix"], kind
+    assert reports["saved_model"]["nam"] is None and len(reports["keras"]["nam"]["layers"]) == 8
+
+
+def test_evaluate_names_what_it_cannot_read_or_export(exported, tmp_path, capsys):
+    assert evaluate.main([str(exported), "--skip-eval"]) == 2
+    err = capsys.readouterr().err
+    assert f"{exported}: a folder of SavedModel versions [1" in err
+    assert f"name one, e.g. {exported / str(export.next_version(exported) - 1)}" in err
+    argv = [str(exported / "1"), "--skip-eval", "--export-tflite", str(tmp_path / "m.tflite")]
+    assert evaluate.main(argv) == 2
+    assert (
+        "--export-tflite: exports are made from a .keras file; "
+        f"{exported / '1'} is a SavedModel folder." in capsys.readouterr().err
     )
-    assert not any(name.startswith(".tmp") for name in os.listdir(tmp_path))
+    (tmp_path / "m.onnx").write_text("not onnx")
+    assert evaluate.main([str(tmp_path / "m.onnx"), "--skip-eval"]) == 2
+    assert "m.onnx: cannot be loaded as an ONNX model" in capsys.readouterr().err
 
 
-def test_evaluate_exports_a_quantised_litert_model(trained_model, tmp_path):
-    path = tmp_path / "nam-int8.tflite"
-    argv = [str(trained_model), "--skip-eval", "--export-tflite", str(path)]
-    assert evaluate.main([*argv, "--tflite-quantize", "dynamic"]) == 0
-    images = _images(6, seed=1)
-    got = _litert_probabilities(path, images)
-    np.testing.assert_allclose(
-        got, _keras_probabilities(trained_model, images), atol=LITERT_TOLERANCE["dynamic"]
-    )
-    plain = tmp_path / "nam.tflite"
-    assert evaluate.main([str(trained_model), "--skip-eval", "--export-tflite", str(plain)]) == 0
-    assert path.stat().st_size < plain.stat().st_size / 2  # int8 weights
+def test_onnx_export_without_its_packages_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tf2onnx", None)  # import tf2onnx raises ImportError
+    with pytest.raises(ConfigError, match=r"--export-onnx needs tf2onnx and onnx .*pip install"):
+        export.export_onnx(None, str(tmp_path / "m.onnx"))  # refused before the model is used
+    assert os.listdir(tmp_path) == []
 
 
-def test_a_mixed_precision_model_exports_in_float32(tmp_path):
+def test_a_mixed_precision_model_exports_in_float32_with_float16_weights(tmp_path):
     model = nam_keras.build_resnet(depth=18, width=4, dtype="mixed_bfloat16")
     copy = export.float32_copy(model)
     assert {layer.dtype_policy.name for layer in copy.layers} == {"float32"}
     assert export.float32_copy(copy) is copy
     images = _images(3)
     want = keras.ops.convert_to_numpy(keras.ops.softmax(copy(images.astype("float32"))))
-    got = _litert_probabilities(export.export_tflite(model, tmp_path / "bf16.tflite"), images)
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    path = export.export_tflite(model, tmp_path / "bf16.tflite", "float16")
+    got = _litert_probabilities(path, images)
+    np.testing.assert_allclose(got, want, atol=LITERT_TOLERANCE["float16"])
 
 
 def test_a_litert_path_must_end_in_tflite(capsys):

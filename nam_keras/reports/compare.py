@@ -6,8 +6,8 @@ reads each run directory that `train.py` wrote (`config.json`, `log.csv`,
 `summary.json` when the run finished) and writes to `--out`:
 
 - `accuracy.png`: train (dashed) and validation (solid) top-1 and top-5 per
-  epoch for every run; the space between a run's two lines is its
-  overfitting gap;
+  epoch for every run, labelled by its run directory; the space between a
+  run's two lines is its overfitting gap;
 - `learning_rate.png`: the learning rate per epoch, and the NAM sparsity
   figures (near-zero channels, largest weight) where a run has them;
 - `comparison.md` and `comparison.json`: per run the attention module,
@@ -54,6 +54,9 @@ COLUMNS = (
     ("gap_top1", "train - val top-1"),
 )
 COUNTS = ("parameters", "multiply_adds")  # the summary.json figures the table shows
+SETTINGS = ("model", "recipe", "dataset")  # the config.json names the report shows
+#: `--dataset` -> how the figures' titles name it
+DATA_NAMES = {"cifar100": "CIFAR-100", "synthetic": "synthetic data"}
 
 
 #: the `log.csv` columns the report reads; any other column is left alone.
@@ -180,7 +183,7 @@ def read_run(run_dir):
     config = io.read_json_object(paths.config_json, advice=NOT_OURS)
     if config is None:
         raise ConfigError(f"{run_dir} has no config.json: not a run directory of train.py")
-    settings = {key: _name(paths.config_json, config, key) for key in ("model", "recipe")}
+    settings = {key: _name(paths.config_json, config, key) for key in SETTINGS}
     summary = io.read_json_object(paths.summary_json, advice=NOT_OURS) or {}
     figures = {key: _count(paths.summary_json, summary, key) for key in COUNTS}
     figures["complete"] = _complete(paths.summary_json, summary)
@@ -262,14 +265,38 @@ def markdown_table(rows):
 
 
 def _labels(runs):
-    """A legend label per run: the attention module, plus the folder when two share it."""
-    names = [run["config"]["model"] or "?" for run in runs]
-    return [
-        f"{name} ({os.path.basename(os.path.normpath(run['dir']))})"
-        if names.count(name) > 1
-        else name
-        for name, run in zip(names, runs)
-    ]
+    """A legend label per run: its run directory's name (its path when two share a name)."""
+    paths = [os.path.normpath(run["dir"]) for run in runs]
+    names = [os.path.basename(p) for p in paths]
+    return [name if names.count(name) == 1 else p for name, p in zip(names, paths)]
+
+
+def _subtitle(runs):
+    """What the runs were trained on and how: `"CIFAR-100, recipe official"`,
+    every distinct value listed where the runs differ."""
+
+    def distinct(key, default, names=None):
+        values = [run["config"][key] or default for run in runs]
+        return ", ".join((names or {}).get(v, v) for v in dict.fromkeys(values))
+
+    recipes = distinct("recipe", "default")
+    word = "recipes" if "," in recipes else "recipe"
+    return f"{distinct('dataset', 'unknown data', DATA_NAMES)}, {word} {recipes}"
+
+
+def _finish(fig, runs, handles, title):
+    """The figure's title (with `_subtitle`) and one legend of the runs below the
+    axes, `handles` a line of each run."""
+    fig.suptitle(f"{title}: {_subtitle(runs)}", fontsize=11)
+    fig.legend(
+        handles,
+        _labels(runs),
+        loc="outside lower center",
+        ncol=min(len(runs), 5),
+        fontsize=8,
+        title="run directory",
+        title_fontsize=8,
+    )
 
 
 def _save(fig, path):
@@ -283,20 +310,26 @@ def plot_accuracy(runs, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for color, (label, run) in enumerate(zip(_labels(runs), runs)):
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2), layout="constrained")
+    handles = []
+    for color, run in enumerate(runs):
         log = run["log"]
         for ax, metric in zip(axes, ("top1", "top5")):
             style = {"color": f"C{color}", "lw": 1.5}
             ax.plot(log["epoch"], _percent(_column(log, metric)), ls="--", **style)
             val = _percent(_column(log, f"val_{metric}"))
-            ax.plot(log["epoch"], val, ls="-", marker=".", ms=3, label=label, **style)
+            (line,) = ax.plot(log["epoch"], val, ls="-", marker=".", ms=3, **style)
+        handles.append(line)
+    kinds = [Line2D([], [], color="gray", ls="-", marker=".", ms=3, label="validation")]
+    kinds.append(Line2D([], [], color="gray", ls="--", label="train"))
     for ax, title in zip(axes, ("top-1", "top-5")):
-        ax.set_title(f"{title} accuracy: validation (solid), train (dashed)", fontsize=10)
+        ax.set_title(f"{title} accuracy", fontsize=10)
         ax.set_ylabel("accuracy (%)")
         _style(ax)
-    fig.tight_layout()
+        ax.legend(handles=kinds, fontsize=8)
+    _finish(fig, runs, handles, "Accuracy per epoch")
     _save(fig, path)
     plt.close(fig)
 
@@ -307,7 +340,6 @@ def _style(ax):
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
 
 
 def _percent(values):
@@ -328,11 +360,14 @@ def plot_schedule(runs, path):
     import matplotlib.pyplot as plt
 
     has_nam = any("nam_near_zero" in run["log"] for run in runs)
-    fig, axes = plt.subplots(1, 3 if has_nam else 1, figsize=(15 if has_nam else 6, 4.2))
+    fig, axes = plt.subplots(
+        1, 3 if has_nam else 1, figsize=(15 if has_nam else 7, 4.9), layout="constrained"
+    )
     axes = list(axes) if has_nam else [axes]
-    for color, (label, run) in enumerate(zip(_labels(runs), runs)):
-        log, style = run["log"], {"color": f"C{color}", "label": label, "alpha": 0.8}
-        axes[0].plot(log["epoch"], _floats(_column(log, "lr")), **style)
+    handles = []
+    for color, run in enumerate(runs):
+        log, style = run["log"], {"color": f"C{color}", "alpha": 0.8}
+        handles += axes[0].plot(log["epoch"], _floats(_column(log, "lr")), **style)
         if has_nam and "nam_near_zero" in log:
             axes[1].plot(log["epoch"], _percent(log["nam_near_zero"]), **style)
             axes[2].plot(log["epoch"], _floats(_column(log, "nam_max_weight")), **style)
@@ -344,7 +379,7 @@ def plot_schedule(runs, path):
         _style(ax)
     if has_nam:
         axes[1].set_ylim(bottom=0)
-    fig.tight_layout()
+    _finish(fig, runs, handles, "Schedule" + (" and NAM sparsity" if has_nam else ""))
     _save(fig, path)
     plt.close(fig)
 

@@ -1,6 +1,10 @@
 """Evaluation of a trained model, as `evaluate.py` runs it, in short steps that take
-an `EvalConfig`: loading, the accuracy report, the NAM report and its plot, the
-exports and the JSON report.
+an `EvalConfig`: loading, the accuracy report with its confusion matrices, the NAM
+report, their plots, the exports and the JSON report.
+
+The model is a `.keras` file or what `evaluate.py` exports from one (a SavedModel
+version folder, a `.tflite` or an `.onnx` file: `serving.artefacts`), so that the
+artefact deployed can be checked; the NAM report and the exports need the `.keras` file.
 
     from nam_keras.config import EvalConfig
     from nam_keras.reports.evaluation import evaluate
@@ -32,18 +36,23 @@ from nam_keras.cifar100 import (
 from nam_keras.errors import ConfigError, ModelError
 from nam_keras.io import atomic_path, atomic_write_text, check_folder, check_writable, make_folder
 from nam_keras.models.resnet import nam_weight_figures
+from nam_keras.serving import artefacts
 
 logger = logging.getLogger("nam_keras")
 
-#: the plot's file name in `--plots DIR`
+#: the plots' file names in `--plots DIR`
 PLOT_NAME = "nam_weights.png"
+CONFUSION_PLOT_NAME = "superclass_confusion.png"
+#: EvalConfig field -> its option, for the exports (each needs the .keras file)
+EXPORTS = {"export": "--export", "export_tflite": "--export-tflite", "export_onnx": "--export-onnx"}
 
 
 @dataclasses.dataclass
 class EvalResult:
-    """What `evaluate` returns: the loaded model, the report (what `--json`
-    writes) and the paths written, keyed `"plot"`, `"export"`,
-    `"export_tflite"` and `"json"` (those the config asked for)."""
+    """What `evaluate` returns: the loaded Keras model (`None` for a SavedModel,
+    .tflite or .onnx file), the report (what `--json` writes) and the paths
+    written, keyed `"plot"`, `"confusion_plot"`, `"export"`, `"export_tflite"`,
+    `"export_onnx"` and `"json"` (those the config asked for)."""
 
     model: keras.Model
     report: dict
@@ -56,15 +65,23 @@ class EvalResult:
 def evaluate(config):
     """Evaluates, reports and exports as an `EvalConfig` asks; returns an `EvalResult`."""
     check_outputs(config)
-    model = load_model(config.model)
-    report = {"model": os.path.abspath(config.model), "name": model.name}
+    artefact = artefacts.load(config.model, load_model)
+    model = artefact.model
+    report = {"model": os.path.abspath(config.model), "format": artefact.kind}
+    report["name"] = artefact.name
     if not config.skip_eval:
-        report["test"] = evaluate_test_set(model, config)
-        _log_lines(accuracy_lines(model.name, report["test"]))
-    report["nam"] = nam_report(model, config.near_zero)
-    _log_lines(nam_lines(report["nam"], config.near_zero))
+        report["test"] = evaluate_test_set(artefact, config)
+        _log_lines(accuracy_lines(artefact.name, report["test"]))
+    report["nam"] = None if model is None else nam_report(model, config.near_zero)
+    if not (config.skip_eval and _exports(config)):  # an export alone prints only its paths
+        _log_lines(nam_lines(report["nam"], config.near_zero, artefact.kind))
     paths = write_outputs(model, report, config)
     return EvalResult(model=model, report=report, paths=paths)
+
+
+def _exports(config):
+    """`{option: path}` of the exports `config` asks for."""
+    return {opt: getattr(config, f, None) for f, opt in EXPORTS.items() if getattr(config, f, None)}
 
 
 def check_outputs(config):
@@ -72,28 +89,38 @@ def check_outputs(config):
     first, so that a bad one does not cost the whole evaluation."""
     if config.model is None:
         raise ConfigError("name the model to evaluate: EvalConfig(model=PATH.keras).")
-    if config.export or config.export_tflite:
-        from nam_keras.serving import export
+    _check_exports(config)
+    if config.json:
+        check_writable(config.json, "a .json file path")
+    if config.plots:
+        make_folder(config.plots)
+        check_writable(os.path.join(config.plots, PLOT_NAME), "a folder for plots")
 
-        for option, path in (
-            ("--export", config.export),
-            ("--export-tflite", config.export_tflite),
-        ):
-            if path:
-                export.check_backend(option)
+
+def _check_exports(config):
+    """The backend and the paths of the exports asked for, and a .keras model to export."""
+    exports = _exports(config)
+    if not exports:
+        return
+    from nam_keras.serving import export
+
+    for option in exports:
+        export.check_backend(option)
     if config.export:
         if os.path.exists(config.export) and not os.path.isdir(config.export):
             raise ConfigError(
                 f"--export: {config.export!r} is a file; expected a folder (its versions go in it)."
             )
         check_folder(config.export)  # creatable: no file above it, names not too long
-    if config.export_tflite:
-        check_writable(config.export_tflite, "a .tflite file path")
-    if config.json:
-        check_writable(config.json, "a .json file path")
-    if config.plots:
-        make_folder(config.plots)
-        check_writable(os.path.join(config.plots, PLOT_NAME), "a folder for plots")
+    for option, suffix in (("--export-tflite", ".tflite"), ("--export-onnx", ".onnx")):
+        if option in exports:
+            check_writable(exports[option], f"a {suffix} file path")
+    kind = artefacts.kind_of(config.model) if os.path.exists(config.model) else "keras"
+    if kind != "keras":
+        raise ConfigError(
+            f"{', '.join(exports)}: exports are made from a .keras file; {config.model} is "
+            f"{artefacts.KINDS[kind]}."
+        )
 
 
 def write_outputs(model, report, config):
@@ -103,7 +130,11 @@ def write_outputs(model, report, config):
     if config.plots and report["nam"] is not None:
         paths["plot"] = plot_nam_report(report["nam"], os.path.join(config.plots, PLOT_NAME))
         logger.info(f"NAM plot -> {paths['plot']}")
-    if config.export or config.export_tflite:
+    if config.plots and "test" in report:
+        path = os.path.join(config.plots, CONFUSION_PLOT_NAME)
+        paths["confusion_plot"] = plot_superclass_confusion(report["test"], report["name"], path)
+        logger.info(f"superclass confusion plot -> {path}")
+    if _exports(config):
         paths.update(export_model(model, report, config))
     if config.json:
         atomic_write_text(config.json, json.dumps(report, indent=2) + "\n")
@@ -113,8 +144,8 @@ def write_outputs(model, report, config):
 
 
 def export_model(model, report, config):
-    """The SavedModel and/or LiteRT model `config` asks for; their paths are
-    added to `report` and returned."""
+    """The SavedModel, LiteRT and ONNX models `config` asks for; their paths
+    are added to `report` and returned."""
     from nam_keras.serving import export
 
     if config.export:
@@ -131,7 +162,11 @@ def export_model(model, report, config):
             f"LiteRT model -> {report['export_tflite']} (weights {config.tflite_quantize}; "
             "images uint8 (N, 32, 32, 3) -> probabilities)"
         )
-    return {key: report[key] for key in ("export", "export_tflite") if key in report}
+    onnx_path = getattr(config, "export_onnx", None)
+    if onnx_path:
+        report["export_onnx"] = export.export_onnx(model, onnx_path)
+        logger.info(f"ONNX model -> {onnx_path} (images uint8 (N, 32, 32, 3) -> probabilities)")
+    return {key: report[key] for key in EXPORTS if key in report}
 
 
 def _log_lines(lines):
@@ -146,7 +181,7 @@ def load_model(path):
     """`keras.models.load_model` with clear errors for what evaluate.py needs."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ModelError(f"{path}: no such model file.")
+        raise ModelError(f"{path}: no such model file; expected a .keras file.")
     if not zipfile.is_zipfile(path):
         raise ModelError(f"{path}: not a Keras model (.keras files are zip archives).")
     try:
@@ -171,7 +206,10 @@ def load_model(path):
 
 
 def accuracy_report(logits, labels, worst=10):
-    """Loss (cross-entropy), top-1, top-5, per-class accuracy and the worst classes."""
+    """Loss (cross-entropy), top-1, top-5, per-class accuracy, the worst classes,
+    the superclass figures (`superclass_report`) and the confusion matrices:
+    `confusion_matrix` (100 x 100) and `superclass_confusion_matrix` (20 x 20),
+    rows the true class, columns the predicted one, counts of images."""
     logits = np.asarray(logits, np.float64)
     labels = np.asarray(labels, np.int64)
     loss = float(-log_softmax(logits)[np.arange(len(labels)), labels].mean())
@@ -192,7 +230,29 @@ def accuracy_report(logits, labels, worst=10):
         "per_class_accuracy": per_class,
         "worst_classes": [{"class": n, "accuracy": a} for n, a in worst_classes],
         **superclass_report(top5[:, 0], labels),
+        **confusion_matrices(top5[:, 0], labels),
     }
+
+
+def confusion_matrices(predicted, labels):
+    """`confusion_matrix` (classes) and `superclass_confusion_matrix` (CIFAR-100's
+    20 superclasses) as lists of rows: row = true class, column = predicted class,
+    each cell a count of images."""
+    table = np.asarray(FINE_TO_COARSE)
+    out = {}
+    for key, truth, guess, size in (
+        ("confusion_matrix", labels, predicted, NUM_CLASSES),
+        (
+            "superclass_confusion_matrix",
+            table[labels],
+            table[predicted],
+            len(CIFAR100_COARSE_LABELS),
+        ),
+    ):
+        counts = np.zeros((size, size), np.int64)
+        np.add.at(counts, (truth, guess), 1)
+        out[key] = counts.tolist()
+    return out
 
 
 def superclass_report(predicted, labels):
@@ -261,17 +321,36 @@ def _nam_layer_report(entry):
     return out
 
 
-def plot_nam_report(report, path):
-    """One PNG: per block, the channel weights relative to uniform, sorted."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_png(fig, path):
+    """Writes `fig` to `path` through a temporary file and a rename, then closes it."""
+    plt = _pyplot()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def plot_nam_report(report, path):
+    """One PNG: per block, the channel weights relative to uniform, sorted."""
+    plt = _pyplot()
     layers = report["layers"]
     cols = 4
     rows = -(-len(layers) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(4 * cols, 2.6 * rows + 0.6), squeeze=False, layout="constrained"
+    )
     threshold = report["near_zero_threshold"]
     for ax, entry in zip(axes.flat, layers):
         ch = entry["channel"]
@@ -297,36 +376,71 @@ def plot_nam_report(report, path):
         fontsize=11,
     )
     fig.supxlabel("channel rank", fontsize=9)
-    fig.supylabel("weight / uniform weight", fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
-    return path
+    fig.supylabel("weight / uniform weight", fontsize=9)  # the layout keeps it clear of the axes
+    return _save_png(fig, path)
+
+
+def plot_superclass_confusion(test, name, path):
+    """One PNG: the 20 x 20 superclass confusion matrix of an `accuracy_report`,
+    each row as percentages of its true superclass' images."""
+    plt = _pyplot()
+    counts = np.asarray(test["superclass_confusion_matrix"], np.float64)
+    rows = counts.sum(axis=1, keepdims=True)
+    percent = 100 * counts / np.maximum(rows, 1)
+    fig, ax = plt.subplots(figsize=(11, 10), layout="constrained")
+    image = ax.imshow(percent, cmap="Blues", vmin=0, vmax=100)
+    for (i, j), value in np.ndenumerate(percent):
+        if counts[i, j]:
+            color = "white" if value > 60 else "black"
+            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7, color=color)
+    ticks = np.arange(len(CIFAR100_COARSE_LABELS))
+    names = [n.replace("_", " ") for n in CIFAR100_COARSE_LABELS]
+    ax.set_xticks(ticks, names, rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
+    ax.set_yticks(ticks, [f"{n} ({int(r)})" for n, r in zip(names, rows[:, 0])], fontsize=8)
+    ax.set_xlabel("predicted superclass")
+    ax.set_ylabel("true superclass (images)")
+    fig.colorbar(image, ax=ax, shrink=0.6, label="% of the true superclass' images")
+    ax.set_title(
+        f"{name}: CIFAR-100 superclasses on {test['examples']} test images; superclass top-1 "
+        f"{test['superclass_top1']:.1%}, class top-1 {test['top1']:.1%}",
+        fontsize=10,
+    )
+    return _save_png(fig, path)
 
 
 def evaluate_test_set(model, config):
-    """`accuracy_report` of `model` on the test split named by an `EvalConfig`.
+    """`accuracy_report` of `model` (a `keras.Model` or an `artefacts.Artefact`)
+    on the test split named by an `EvalConfig`.
 
     With `config.tta == "flip"` each image's class probabilities are the mean
     of the image's and its mirror's (`flip_average`).
     """
+    from nam_keras.data import sources
+
+    if isinstance(model, artefacts.Artefact):
+        scores = model.scores or keras_scores(model.model)
+    else:
+        scores = keras_scores(model)
+    images, labels = sources.load_for(config)["test"]
+    logits = scores(images, config.batch_size)
+    if config.tta == "flip":
+        logits = flip_average(logits, scores(images[:, :, ::-1], config.batch_size))
+    return accuracy_report(logits, labels)
+
+
+def keras_scores(model):
+    """`(uint8 images, batch size) -> logits` of a Keras model, through the
+    evaluation pipeline (`data.pipeline.eval_pipeline`)."""
     import tensorflow as tf
 
-    from nam_keras.data import pipeline, sources
+    from nam_keras.data import pipeline
 
-    images, labels = sources.load_for(config)["test"]
-    ds = pipeline.eval_pipeline(
-        tf.data.Dataset.from_tensor_slices((images, labels)), config.batch_size
-    )
-    logits = model.predict(ds, verbose=1)
-    if config.tta == "flip":
-        mirrored = ds.map(lambda x, y: (tf.reverse(x, axis=[2]), y))
-        logits = flip_average(logits, model.predict(mirrored, verbose=1))
-    return accuracy_report(logits, labels)
+    def scores(images, batch_size):
+        zeros = np.zeros(len(images), np.int32)  # the pipeline's labels: unused
+        ds = tf.data.Dataset.from_tensor_slices((images, zeros))
+        return model.predict(pipeline.eval_pipeline(ds, batch_size), verbose=1)
+
+    return scores
 
 
 def flip_average(logits, mirrored_logits):
@@ -369,8 +483,14 @@ def accuracy_lines(name, test):
     return lines
 
 
-def nam_lines(report, near_zero):
-    """The console summary of a `nam_report` (`None`: a model without NAM)."""
+def nam_lines(report, near_zero, kind="keras"):
+    """The console summary of a `nam_report` (`None`: a model without NAM, or
+    `kind` another than "keras": an export, whose layers are not Keras layers)."""
+    if kind != "keras":
+        return [
+            f"NAM report: none for {artefacts.KINDS[kind]} (no Keras layers in it); "
+            "evaluate its .keras file for it."
+        ]
     if report is None:
         return ["NAM report: the model has no NAM layers (a baseline); nothing to report."]
     lines = [

@@ -19,6 +19,7 @@ MAX_SERVING_BATCH = 1024
 EXPORT_OPTIONS = {
     "--export": ("the TF Serving export", "DIR"),  # a SavedModel
     "--export-tflite": ("the LiteRT (TFLite) export", "FILE.tflite"),
+    "--export-onnx": ("the ONNX export", "FILE.onnx"),
 }
 
 
@@ -37,6 +38,15 @@ def check_backend(option="--export"):
             "A .keras file written under any backend loads there: run "
             f"KERAS_BACKEND=tensorflow python evaluate.py MODEL {option} {argument}."
         )
+
+
+def logits_of(model, images):
+    """`model(images)` in inference mode: its one output, also from a model that
+    keeps its outputs in a list of one (as a loaded subclass of `keras.Model` can)."""
+    logits = model(images, training=False)
+    if isinstance(logits, (list, tuple)):
+        (logits,) = logits
+    return logits
 
 
 def next_version(export_dir):
@@ -80,7 +90,7 @@ def export_saved_model(model, export_dir, verbose=False):
         ]
         with tf.control_dependencies(checks):
             images = tf.identity(images)
-        logits = model(tf.cast(images, tf.float32), training=False)
+        logits = logits_of(model, tf.cast(images, tf.float32))
         probabilities = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
         top = tf.math.top_k(probabilities, k=k).indices
         return {"probabilities": probabilities, "top5_classes": tf.cast(top, tf.int32)}
@@ -149,16 +159,57 @@ def export_tflite(model, path, quantize="none"):
     path = os.fspath(path)
     if not path.endswith(".tflite"):
         raise ModelError(f"the LiteRT file name must end with .tflite; received {path!r}.")
-    model = float32_copy(model)  # LiteRT's kernels have no bfloat16
     # converter settings, passed through `model.export(format="litert")`
     kwargs = {} if quantize == "none" else {"optimizations": [tf.lite.Optimize.DEFAULT]}
     if quantize == "float16":
         kwargs["target_spec"] = {"supported_types": [tf.float16]}
-    images = keras.Input(IMAGE_SHAPE, dtype="uint8", name="images")
-    logits = model(keras.ops.cast(images, "float32"))
-    probabilities = keras.layers.Softmax(name="probabilities", dtype="float32")(logits)
-    serving = keras.Model(images, probabilities, name=f"{model.name}_litert")
-    signature = [tf.TensorSpec((None, *IMAGE_SHAPE), tf.uint8, name="images")]
+    serving = probabilities_model(model, "litert")  # LiteRT's kernels have no bfloat16
     with atomic_path(path, suffix=".tflite") as tmp:
-        serving.export(tmp, format="litert", input_signature=signature, verbose=False, **kwargs)
+        serving.export(tmp, format="litert", input_signature=_signature(), verbose=False, **kwargs)
+    return path
+
+
+def probabilities_model(model, suffix):
+    """`model` as a float32 Keras model from uint8 `images` (N, 32, 32, 3) to float32
+    `probabilities`, named `<model name>_<suffix>`: the LiteRT and ONNX contract."""
+    model = float32_copy(model)
+    images = keras.Input(IMAGE_SHAPE, dtype="uint8", name="images")
+    logits = logits_of(model, keras.ops.cast(images, "float32"))
+    probabilities = keras.layers.Softmax(name="probabilities", dtype="float32")(logits)
+    return keras.Model(images, probabilities, name=f"{model.name}_{suffix}")
+
+
+def _signature():
+    import tensorflow as tf
+
+    return [tf.TensorSpec((None, *IMAGE_SHAPE), tf.uint8, name="images")]
+
+
+#: What `export_onnx` needs beyond requirements.txt's TensorFlow (pinned there too).
+ONNX_PACKAGES = "tf2onnx==1.17.0 onnx==1.23.2"
+
+
+def export_onnx(model, path):
+    """Writes an ONNX model: uint8 `images` (N, 32, 32, 3) in, `probabilities`
+    (N, num_classes) out, the LiteRT model's contract; it runs with `onnxruntime`.
+
+    `tf2onnx.convert.from_keras` converts it. Keras' own `model.export(format="onnx")`
+    (tf2onnx's `from_function`) would make the fixed CIFAR-100 mean and std of the
+    model's first layer, tensors its function captures, two more inputs of the graph
+    that a caller would have to feed. Written through a temporary file and a rename.
+    Returns `path`.
+    """
+    check_backend("--export-onnx")
+    path = os.fspath(path)
+    if not path.endswith(".onnx"):
+        raise ModelError(f"the ONNX file name must end with .onnx; received {path!r}.")
+    try:
+        import tf2onnx
+    except ImportError as err:
+        raise ConfigError(
+            f"--export-onnx needs tf2onnx and onnx ({err}): pip install {ONNX_PACKAGES}"
+        ) from None
+    serving = probabilities_model(model, "onnx")
+    with atomic_path(path, suffix=".onnx") as tmp:
+        tf2onnx.convert.from_keras(serving, input_signature=_signature(), output_path=tmp)
     return path
