@@ -34,10 +34,10 @@ from nam_keras.layers.normalization import (
     BN_MOMENTUM,
     batch_normalization,
     channel_sums,
-    first_upstream,
     moments,
     recomputed,
     update_moving_statistics,
+    with_gradient,
 )
 
 #: backends whose `keras.ops.custom_gradient` the fused gradient uses; elsewhere
@@ -75,22 +75,22 @@ def _training_custom_gradient(eps3, eps_nam):
     """`f(x, gamma3, beta3, k, d) -> (out, mean, v, var_y)` with the hand-written
     gradient (the statistics are for the moving averages: no gradient)."""
 
-    @ops.custom_gradient
-    def fused(x, gamma3, beta3, k, d):
+    def forward(x, gamma3, beta3, k, d):
         xf = ops.cast(x, gamma3.dtype)
         mean, v = moments(xf)
         inv = ops.rsqrt(v + eps3)
         c, var_y, s = _nam_scale(v, gamma3, k, eps3, eps_nam)
-        out, _, _ = _gated((xf - mean) * inv, gamma3, beta3, c, d)
+        # per-channel coefficients of x first: one small element-wise pass
+        a, p = gamma3 * inv, c * inv
+        out = ops.sigmoid(p * xf + (d - p * mean)) * (a * xf + (beta3 - a * mean))
+        residuals = (x, mean, inv, v, gamma3, beta3, k, c, d, s)
+        return (out, mean, v, var_y), residuals
 
-        def grad(*args, upstream=None):
-            g = first_upstream(args, upstream)
-            grads = _backward(g, x, mean, inv, v, gamma3, beta3, k, c, d, s, eps3, eps_nam)
-            return (ops.cast(grads[0], x.dtype), *grads[1:])
+    def backward(residuals, g):
+        grads = _backward(g, *residuals, eps3, eps_nam)
+        return (ops.cast(grads[0], residuals[0].dtype), *grads[1:])
 
-        return (out, mean, v, var_y), grad
-
-    return fused
+    return with_gradient(forward, backward)
 
 
 def _backward(g, x, mean, inv, v, gamma3, beta3, k, c, d, s, eps3, eps_nam):
@@ -156,6 +156,51 @@ def bn_nam_training(x, gamma3, beta3, k, d, eps3=BN_EPSILON, eps_nam=BN_EPSILON,
     if custom:
         return _training_custom_gradient(eps3, eps_nam)(x, gamma3, beta3, k, d)
     return _training_closed_form(x, gamma3, beta3, k, d, eps3, eps_nam)
+
+
+def bn_nam_training_tf_kernel(x, gamma3, beta3, k, d, eps3=BN_EPSILON, eps_nam=BN_EPSILON):
+    """`bn_nam_training` on TensorFlow's fused BN kernel: BN3 is one
+    `FusedBatchNormV3` (which returns its batch statistics), NAM a per-channel
+    affine of its output, `z = k * s * (y - beta3) + d` with `s = 1 /
+    sqrt(var_y + eps_nam)`, and the gradient is TensorFlow's. The kernel's
+    gradient ignores its batch variance output, so the one path autodiff would
+    miss, `v -> s -> out`, is added by `_variance_with_gradient`."""
+    import tensorflow as tf
+
+    empty = tf.constant([], "float32")
+    y, mean, unbiased = tf.raw_ops.FusedBatchNormV3(
+        x=x,
+        scale=gamma3,
+        offset=beta3,
+        mean=empty,
+        variance=empty,
+        epsilon=eps3,
+        data_format="NHWC",
+        is_training=True,
+    )[:3]
+    n = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), "float32")
+    v = _variance_with_gradient(x, mean, unbiased * ((n - 1.0) / tf.maximum(n, 1.0)))
+    _, var_y, s = _nam_scale(v, gamma3, k, eps3, eps_nam)
+    y = tf.cast(y, "float32")
+    out = tf.sigmoid(k * s * (y - beta3) + d) * y
+    return out, tf.stop_gradient(mean), tf.stop_gradient(v), tf.stop_gradient(var_y)
+
+
+def _variance_with_gradient(x, mean, v):
+    """`v`, the biased batch variance of `x`, with its gradient to `x`
+    (`2 (x - mean) / n` per element): TensorFlow's BN kernel gives none."""
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def variance(x, v):
+        def grad(dv):
+            n = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), "float32")
+            dx = (tf.cast(x, "float32") - mean) * (2.0 * dv / n)
+            return tf.cast(dx, x.dtype), None
+
+        return tf.identity(v), grad
+
+    return variance(x, v)
 
 
 def bn_nam_inference(x, bn3_stats, nam_stats, gamma3, beta3, k, d, eps3, eps_nam):
@@ -264,7 +309,10 @@ class BatchNormNAM(NAMAttention):
         k = w * ops.cast(nam.gamma, dtype)
         d = w * ops.cast(nam.beta, dtype)
         if training:
-            out, mean, v, var_y = bn_nam_training(x, gamma3, beta3, k, d, bn3.epsilon, nam.epsilon)
+            # the kernel's BN output is rounded to a 16-bit compute dtype: float32 only
+            kernel = self.compute_dtype == "float32" and bn3._uses_fused_kernel(x, None)
+            train = bn_nam_training_tf_kernel if kernel else bn_nam_training
+            out, mean, v, var_y = train(x, gamma3, beta3, k, d, bn3.epsilon, nam.epsilon)
             update_moving_statistics(bn3, mean, v)
             update_moving_statistics(nam, ops.stop_gradient(beta3), var_y)
         else:

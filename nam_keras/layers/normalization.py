@@ -80,14 +80,71 @@ def update_moving_statistics(bn, mean, variance):
     )
 
 
-def first_upstream(args, upstream):
-    """The gradient of the first output of a `keras.ops.custom_gradient`
-    function: JAX passes one tuple, TensorFlow one tensor per output (the
-    other outputs here are statistics, without gradient)."""
-    g = upstream if upstream is not None else args
-    while isinstance(g, (tuple, list)):
-        g = g[0]
-    return g
+def with_gradient(forward, backward):
+    """A function with a hand-written gradient and explicit residuals.
+
+    `forward(*args) -> (outputs, residuals)`, where `outputs[0]` is the only
+    output with a gradient (the others are statistics); `backward(residuals,
+    upstream) -> one gradient per argument`, `upstream` the gradient of
+    `outputs[0]`. On JAX this is `jax.custom_vjp`: the backward pass keeps
+    exactly `residuals` from the forward one (with `keras.ops.custom_gradient`
+    JAX would evaluate, in the forward pass, every part of the backward that
+    does not depend on `upstream` and keep it, full-size, until the backward
+    pass). Elsewhere it is `keras.ops.custom_gradient`.
+    """
+    if keras.backend.backend() == "jax":
+        import jax
+
+        @jax.custom_vjp
+        def function(*args):
+            return forward(*args)[0]
+
+        def vjp_backward(residuals, cotangents):
+            return tuple(backward(residuals, cotangents[0]))
+
+        function.defvjp(forward, vjp_backward)
+        return function
+
+    @ops.custom_gradient
+    def function(*args):
+        outputs, residuals = forward(*args)
+
+        def grad(*upstreams, upstream=None):
+            g = upstream if upstream is not None else upstreams
+            while isinstance(g, (tuple, list)):  # one per output; the first has a gradient
+                g = g[0]
+            return tuple(backward(residuals, g))
+
+        return outputs, grad
+
+    return function
+
+
+def _normalize_forward(epsilon):
+    def forward(x, gamma, beta):
+        dtype = gamma.dtype
+        mean, var = moments(ops.cast(x, dtype))
+        inv = ops.rsqrt(var + epsilon)
+        scale = inv * gamma  # per-channel coefficients of x first: one small pass
+        y = ops.cast(ops.cast(x, dtype) * scale + (beta - scale * mean), x.dtype)
+        return (y, mean, var), (x, gamma, mean, inv)
+
+    return forward
+
+
+def _normalize_backward(residuals, g):
+    x, gamma, mean, inv = residuals
+    dtype = gamma.dtype
+    n = ops.cast(ops.prod(ops.shape(x)[:-1]), dtype)
+
+    def terms(g, x):
+        return ops.cast(g, dtype), (ops.cast(x, dtype) - mean) * inv
+
+    g32, xhat = terms(g, x)
+    sum_g, sum_g_xhat = channel_sums(g32, g32 * xhat)
+    g32, xhat = terms(*recomputed(g, x))  # a second pass over g and x
+    dx = (gamma * inv) * (g32 - sum_g / n - xhat * (sum_g_xhat / n))
+    return ops.cast(dx, x.dtype), sum_g_xhat, sum_g
 
 
 def batch_norm_training(x, gamma, beta, epsilon):
@@ -98,32 +155,11 @@ def batch_norm_training(x, gamma, beta, epsilon):
     the dtype of `x`. Forward: one pass for both sums (`channel_sums`), one
     for the output. Backward: one pass for the two sums the gradient needs,
     one for the input gradient (`recomputed` keeps XLA from writing the
-    first pass's values out for the second). Keras' own BN left to autodiff
-    makes XLA write several full-size float32 intermediates instead.
+    first pass's values out for the second); the residuals are `x` and
+    per-channel figures. Keras' own BN left to autodiff makes XLA write
+    several full-size float32 intermediates instead.
     """
-
-    @ops.custom_gradient
-    def normalize(x, gamma, beta):
-        dtype = gamma.dtype
-        mean, var = moments(ops.cast(x, dtype))
-        inv = ops.rsqrt(var + epsilon)
-        y = ops.cast((ops.cast(x, dtype) - mean) * (inv * gamma) + beta, x.dtype)
-
-        def grad(*args, upstream=None):
-            n = ops.cast(ops.prod(ops.shape(x)[:-1]), dtype)
-
-            def terms(g, x):
-                return ops.cast(g, dtype), (ops.cast(x, dtype) - mean) * inv
-
-            g, xhat = terms(first_upstream(args, upstream), x)
-            sum_g, sum_g_xhat = channel_sums(g, g * xhat)
-            g, xhat = terms(*recomputed(first_upstream(args, upstream), x))
-            dx = (gamma * inv) * (g - sum_g / n - xhat * (sum_g_xhat / n))
-            return ops.cast(dx, x.dtype), sum_g_xhat, sum_g
-
-        return (y, mean, var), grad
-
-    return normalize(x, gamma, beta)
+    return with_gradient(_normalize_forward(epsilon), _normalize_backward)(x, gamma, beta)
 
 
 @keras.saving.register_keras_serializable(package="nam_keras")
