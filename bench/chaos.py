@@ -9,8 +9,11 @@ random; then the next round resumes. Every exit must be a success or one of
 those signals: any other exit code (a refused resume, a traceback) fails.
 A round whose run finishes anyway has its model checked, and the next round
 starts a new run. When the rounds are spent the command runs to completion. The final model must
-exist, load, and hold exactly the optimizer steps of an uninterrupted run;
-one more run of the same command must leave it untouched.
+exist, load, and hold exactly the optimizer steps of an uninterrupted run, and
+its weights must be those of the same command run once without interruption
+(the data order and augmentation are keyed by the seed and the step): bitwise as
+a rule on TensorFlow's CPU, to float32 rounding at worst; one more run of the
+same command must leave it untouched.
 """
 
 import os
@@ -108,6 +111,34 @@ def check_final_model(workdir, epochs, steps):
     return got
 
 
+def check_weights_equal(workdir, epochs, steps):
+    """Runs the command once without interruption (in `workdir/reference`) and
+    checks that the chaos run's final weights equal its: bitwise as a rule, to
+    float32 rounding (rtol 1e-5) at worst, the order in which TensorFlow's
+    multi-threaded CPU kernels sum changing with the load. Returns
+    `{"bitwise": bool, "max_abs_difference": float}`."""
+    import keras
+    import numpy as np
+
+    reference = os.path.join(workdir, "reference")
+    os.makedirs(reference, exist_ok=True)
+    code, out = run_once(command(reference, epochs, steps), None, None)
+    if code != 0:
+        raise AssertionError(f"the uninterrupted run ended with exit {code}:\n{out[-3000:]}")
+    paths = [os.path.join(folder, "m.keras") for folder in (workdir, reference)]
+    got, want = (keras.models.load_model(p).get_weights() for p in paths)
+    if len(got) != len(want):
+        raise AssertionError(f"{len(got)} weights, the uninterrupted run has {len(want)}")
+    worst = max(float(np.abs(a - b).max()) for a, b in zip(got, want))
+    close = all(np.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(got, want))
+    if not close:
+        raise AssertionError(
+            f"the final weights differ from the uninterrupted run's (largest difference "
+            f"{worst:.3g}): the resumed runs did not see the same batches"
+        )
+    return {"bitwise": worst == 0.0, "max_abs_difference": worst}
+
+
 def chaos(rounds, epochs, steps, max_delay, seed, signals, workdir):
     """Runs the rounds; returns a report dict. Raises AssertionError on a lost or bad run."""
     rng = random.Random(seed)
@@ -140,6 +171,7 @@ def chaos(rounds, epochs, steps, max_delay, seed, signals, workdir):
     model_path = os.path.join(workdir, "m.keras")
     stamp = os.stat(model_path).st_mtime_ns
     report["optimizer_steps"] = check_final_model(workdir, epochs, steps)
+    report["weights_vs_uninterrupted"] = check_weights_equal(workdir, epochs, steps)
     code, out = run_once(cmd, None, None)
     if code != 0 or os.stat(model_path).st_mtime_ns != stamp:
         raise AssertionError(f"re-running a finished run changed its model (exit {code})")
@@ -176,7 +208,8 @@ def main(argv=None):
     print(
         f"survived {report['survived']} of {args.rounds} rounds of random signals "
         f"({report['interrupted']} interrupted a run); the final model holds "
-        f"{report['optimizer_steps']} steps, as an uninterrupted run; {workdir}"
+        f"{report['optimizer_steps']} steps and the weights of an uninterrupted run "
+        f"({report['weights_vs_uninterrupted']}); {workdir}"
     )
     harness.write_json(args.json, report)
     return report

@@ -108,8 +108,9 @@ def train_step_fn(model, x, y):
     return step
 
 
-def compiled_resnet(depth, width, precision, xla, attention="nam", attention_kwargs=None):
-    """A fresh ResNet under `precision`, compiled for training as train.py does."""
+def compiled_resnet(depth, width, precision, xla, attention="nam", attention_kwargs=None, **build):
+    """A fresh ResNet under `precision`, compiled for training as train.py does
+    (`build`: more arguments of `build_resnet`, e.g. `fuse_attention=False`)."""
     from nam_keras import TorchSGD, build_resnet
 
     keras.backend.clear_session()
@@ -120,6 +121,7 @@ def compiled_resnet(depth, width, precision, xla, attention="nam", attention_kwa
         attention=attention,
         attention_kwargs=attention_kwargs if attention else None,
         dtype=precision,
+        **build,
     )
     optimizer = TorchSGD(0.01)
     if precision == "mixed_float16":

@@ -61,6 +61,7 @@ from nam_keras.training.schedules import (
     multistep,
     warmup_cosine,
 )
+from nam_keras.training.trainer import CrossEntropyModel
 
 __version__ = "0.3.0"
 
@@ -75,6 +76,7 @@ __all__ = [
     "BatchNormNAM",
     "CBAMAttention",
     "ConfigError",
+    "CrossEntropyModel",
     "DataError",
     "EpochCosine",
     "EpochCosineDecay",

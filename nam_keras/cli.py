@@ -7,11 +7,14 @@ console messages, and the mapping from errors to exit codes.
 
 import argparse
 import dataclasses
+import difflib
 import logging
 import os
+import re
 import sys
 
-from nam_keras.config import flag
+from nam_keras import io
+from nam_keras.config import TrainConfig, flag
 from nam_keras.console import QUIET_START, quiet_startup
 from nam_keras.errors import (
     ConfigError,
@@ -89,21 +92,101 @@ def _add_field(parser, groups, field, default):
     group.add_argument(flag(field), **kwargs)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default once: not for options whose help already names it, nor
+    `None` (a default the help text describes)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """`argparse.ArgumentParser` that suggests the closest option for one it does
+    not know (`--epoch` -> "did you mean --epochs?")."""
+
+    def error(self, message):
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            options = [o for a in self._actions for o in a.option_strings]
+            for word in unknown.group(1).split():
+                close = difflib.get_close_matches(word.split("=")[0], options, n=1)
+                if word.startswith("-") and close:
+                    message += f" (did you mean {close[0]}?)"
+                    break
+        super().error(message)
+
+
 def build_parser(config_class, prog, description, explicit_only=False):
     """An `argparse.ArgumentParser` with one option per field of `config_class`.
 
-    With `explicit_only`, the parsed namespace holds only the options given
-    (every default is `argparse.SUPPRESS`): what a recipe must not override.
+    Options must be written in full (no abbreviations: `--epoch` is not
+    `--epochs`). With `explicit_only`, the parsed namespace holds only the
+    options given (every default is `argparse.SUPPRESS`): what a recipe must
+    not override.
     """
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    parser = _ArgumentParser(
+        prog=prog, description=description, formatter_class=_HelpFormatter, allow_abbrev=False
     )
     groups = {}
     # the data options (shared by every command line) come last in --help
     fields = sorted(dataclasses.fields(config_class), key=lambda f: f.metadata["group"] == "data")
     for field in fields:
         _add_field(parser, groups, field, argparse.SUPPRESS if explicit_only else field.default)
+    if issubclass(config_class, TrainConfig):
+        groups["outputs"].add_argument(
+            "--config",
+            metavar="FILE",
+            default=argparse.SUPPRESS,
+            help="repeat the run recorded in FILE (a run directory's config.json): its settings, "
+            "with the flags given on the command line winning",
+        )
     return parser
+
+
+def recorded_settings(path, config_class):
+    """The settings of `config_class` recorded in a run's `config.json` at `path`
+    (what `--config` repeats): its fields, as their constructor takes them."""
+    advice = "; expected a config.json written by train.py (RUN/config.json)."
+    recorded = io.read_json_object(path, "--config", advice)
+    if recorded is None:
+        raise ConfigError(f"--config {path}: no such file{advice}")
+    if "written_by" not in recorded and "total_steps" not in recorded:
+        raise ConfigError(f"--config {path} was not written by train.py{advice}")
+    values = {}
+    for field in dataclasses.fields(config_class):
+        if field.name not in recorded:
+            continue
+        value = recorded[field.name]
+        if field.name == "jit_compile" and isinstance(value, bool):  # resolved: on or off
+            value = "on" if value else "off"
+        values[field.name] = tuple(value) if isinstance(value, list) else value
+    return values
+
+
+def as_flags(text, config_class):
+    """`text` of the library, its arguments of `config_class` written as the command
+    line's flags: `` `resume=False` `` -> `--no-resume`, `` `epochs=6` `` ->
+    `--epochs 6`, `` `run_dir` `` -> `--run-dir`. Other text is left alone."""
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+
+    def flag_of(match):
+        name, value = match.group(1), match.group(2)
+        field = fields.get(name)
+        if field is None or field.metadata.get("positional"):
+            return match.group(0)
+        option = flag(field)
+        if value is None:
+            return option
+        if value in ("True", "False") and field.metadata.get("action"):
+            on = value == "True"
+            if field.metadata["action"] == "boolean_optional":
+                return option if on else "--no-" + option[2:]
+            return option if on else f"no {option}"
+        return f"{option} {value.strip(chr(39))}"
+
+    return re.sub(r"`(\w+)(?:=([^`]*))?`", flag_of, text)
 
 
 def _config_values(namespace):
@@ -121,8 +204,14 @@ def parse_config(config_class, argv, prog, description):
     values = _config_values(parser.parse_args(argv))
     explicit = build_parser(config_class, prog, description, explicit_only=True)
     given = _config_values(explicit.parse_args(argv))
-    given.pop("recipe", None)
+    config_file = values.pop("config", None)
+    given.pop("config", None)
     try:
+        if config_file is not None:  # the recorded run, the flags given winning
+            config = config_class(**{**recorded_settings(config_file, config_class), **given})
+            config.check_given(given)
+            return config
+        given.pop("recipe", None)
         if "recipe" in values:
             config = config_class.from_recipe(values["recipe"], **given)
         else:
@@ -131,34 +220,49 @@ def parse_config(config_class, argv, prog, description):
             config.check_given(given)
         return config
     except ConfigError as err:
-        parser.error(str(err))
+        parser.error(as_flags(str(err), config_class))
 
 
-class _ConsoleHandler(logging.Handler):
-    """Prints `[nam-keras] message` to whatever `sys.stdout` is at the time."""
+class ConsoleHandler(logging.Handler):
+    """Prints `[nam-keras] message` to whatever `sys.stdout` is at the time,
+    with the arguments of `config_class` written as flags when it is given
+    (`as_flags`)."""
+
+    def __init__(self, config_class=None):
+        super().__init__()
+        self.config_class = config_class
 
     def emit(self, record):
-        print(f"[nam-keras] {self.format(record)}", flush=True)
+        text = self.format(record)
+        if self.config_class is not None:
+            text = as_flags(text, self.config_class)
+        print(f"[nam-keras] {text}", flush=True)
 
 
-def setup_console():
-    """Library progress messages (`logging`, logger "nam_keras") go to stdout;
-    only the command lines call this."""
+def setup_console(config_class=None):
+    """Library progress messages (`logging`, logger "nam_keras") go to stdout,
+    their arguments written as the flags of `config_class`; the command lines
+    call this."""
     logger = logging.getLogger(LOGGER_NAME)
-    if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
-        logger.addHandler(_ConsoleHandler())
+    for handler in [h for h in logger.handlers if isinstance(h, ConsoleHandler)]:
+        logger.removeHandler(handler)
+    logger.addHandler(ConsoleHandler(config_class))
     logger.setLevel(logging.INFO)
     logger.propagate = False
 
 
 def run_main(prog, function, *args):
     """Calls `function(*args)`; a known error becomes `prog: error: ...` on
-    stderr and its exit code. Returns the exit code (0 on success)."""
-    setup_console()
+    stderr and its exit code. Returns the exit code (0 on success). When the
+    first argument is a config (`TrainConfig`, `EvalConfig`), the messages
+    name its arguments as flags (`as_flags`)."""
+    config_class = type(args[0]) if args and dataclasses.is_dataclass(args[0]) else None
+    setup_console(config_class)
     try:
         function(*args)
     except tuple(EXIT_CODES) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        text = str(err) if config_class is None else as_flags(str(err), config_class)
+        print(f"{prog}: error: {text}", file=sys.stderr)
         code = next(code for cls, code in EXIT_CODES.items() if isinstance(err, cls))
         return code + getattr(err, "signum", 0)
     return 0

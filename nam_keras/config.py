@@ -328,6 +328,16 @@ class TrainConfig(DataConfig):
         resume=True,
     )
 
+    initial_checkpoint: str = setting(
+        None,
+        "start from the weights of this trained .keras file (fine-tuning, warm start); the "
+        "optimizer starts afresh",
+        "model",
+        type=output_path,
+        metavar="PATH",
+        resume=True,
+    )
+
     # === optimisation ===
     epochs: int = setting(300, "number of epochs", "optimisation", type=positive_int, resume=True)
     batch_size: int = setting(
@@ -502,6 +512,13 @@ class TrainConfig(DataConfig):
         "outputs",
         action="boolean_optional",
     )
+    extend: bool = setting(
+        False,
+        "let --epochs exceed the run directory's recorded run: a finished run goes on from its "
+        "model and optimizer state, the schedule recomputed for the new --epochs",
+        "outputs",
+        action="store_true",
+    )
     verbose: int = setting(
         1,
         "Keras verbosity: 1 = progress bar, 2 = one line per epoch",
@@ -612,7 +629,13 @@ class TrainConfig(DataConfig):
 class EvalConfig(DataConfig):
     """Everything `evaluate.py` can be asked for."""
 
-    model: str = setting(None, "a .keras file written by train.py", "model", positional=True)
+    model: str = setting(
+        None,
+        "a .keras file written by train.py, or what evaluate.py exported from one (a "
+        "SavedModel version folder, a .tflite or .onnx file)",
+        "model",
+        positional=True,
+    )
     batch_size: int = setting(256, "evaluation batch size", "evaluation", type=positive_int)
     json: str = setting(
         None,
@@ -661,6 +684,14 @@ class EvalConfig(DataConfig):
         "evaluation",
         choices=("none", "float16", "dynamic"),
     )
+    export_onnx: str = setting(
+        None,
+        "also write an ONNX model here (an .onnx file; uint8 images in, probabilities out; "
+        "runs with onnxruntime)",
+        "evaluation",
+        type=output_path,
+        metavar="FILE",
+    )
     skip_eval: bool = setting(
         False, "no test-set evaluation (report/export only)", "evaluation", action="store_true"
     )
@@ -673,6 +704,10 @@ class EvalConfig(DataConfig):
         if self.export_tflite is not None and not str(self.export_tflite).endswith(".tflite"):
             raise ConfigError(
                 f"--export-tflite must name a .tflite file; received {self.export_tflite!r}"
+            )
+        if self.export_onnx is not None and not str(self.export_onnx).endswith(".onnx"):
+            raise ConfigError(
+                f"--export-onnx must name an .onnx file; received {self.export_onnx!r}"
             )
 
 

@@ -16,7 +16,7 @@ def test_stop_on_non_finite_loss_raises_at_the_step():
         stop.on_train_batch_end(4, {"loss": np.float32("inf")})
 
 
-def test_stop_on_signal_waits_for_the_step_to_end_and_restores_handlers():
+def test_stop_on_signal_waits_for_the_step_to_end_and_restores_handlers(capsys):
     import os
     import signal
 
@@ -24,6 +24,7 @@ def test_stop_on_signal_waits_for_the_step_to_end_and_restores_handlers():
 
     previous = signal.getsignal(signal.SIGTERM)
     stop = callbacks.StopOnSignal()
+    stop.set_params({"verbose": 1})  # a progress bar: the message starts a new line
     stop.on_train_begin()
     stop.on_epoch_begin(2)
     os.kill(os.getpid(), signal.SIGTERM)  # only sets a flag: no exception here
@@ -31,6 +32,7 @@ def test_stop_on_signal_waits_for_the_step_to_end_and_restores_handlers():
     with pytest.raises(TrainingInterruptedError, match="stopped by SIGTERM during epoch 3") as info:
         stop.on_train_batch_end(0)
     assert info.value.signum == signal.SIGTERM
+    assert capsys.readouterr().out == "\n"
     assert signal.getsignal(signal.SIGTERM) is previous
 
 
@@ -54,17 +56,22 @@ def test_nam_sparsity_figures_by_hand():
     assert sparsity.figures() == {}
 
 
-def test_training_speed_excludes_validation(monkeypatch):
-    clock = iter([10.0, 12.0])  # epoch begins at 10 s, validation begins at 12 s
+def test_training_speed_excludes_compilation_and_validation(monkeypatch):
+    # first epoch: begins at 10 s, its first step (compiling) ends at 30 s, validation
+    # begins at 32 s; second epoch: begins at 40 s, validation at 42 s
+    clock = iter([10.0, 30.0, 32.0, 40.0, 42.0])
     monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
     speed = callbacks.TrainingSpeed(batch_size=32)
-    speed.on_epoch_begin(0)
-    for step in range(5):
-        speed.on_train_batch_end(step)
-    speed.on_test_begin()
-    logs = {}
-    speed.on_epoch_end(0, logs)  # no further clock reading: validation not counted
-    assert logs["train_images_per_s"] == 5 * 32 / 2.0
+    speed.set_params({"steps": 5})
+    speed.on_train_begin()
+    for epoch, steps_timed in ((0, 4), (1, 5)):
+        speed.on_epoch_begin(epoch)
+        for step in range(5):
+            speed.on_train_batch_end(step)
+        speed.on_test_begin()
+        logs = {}
+        speed.on_epoch_end(epoch, logs)  # no further clock reading: validation not counted
+        assert logs["train_images_per_s"] == steps_timed * 32 / 2.0
 
 
 def test_epoch_time_estimate_from_the_first_steps(monkeypatch, caplog):

@@ -319,3 +319,13 @@ def test_a_typed_option_of_another_module_is_refused_even_at_its_default(capsys)
         train.main(["--attention", "se", "--sparsity", "1e-4"])
     assert info.value.code == 2
     assert "--sparsity is an option of --attention nam only" in capsys.readouterr().err
+
+
+def test_help_shows_each_default_once_and_library_words_become_flags():
+    text = " ".join(cli.build_parser(TrainConfig, "train.py", "").format_help().split())
+    assert "(default: None)" not in text and "(default: 300)" in text
+    assert text.count("default runs/nam") == 1
+    message = "pass `resume=False`, `extend=True`, `epochs=6` or another `run_dir`; `fit`"
+    want = "pass --no-resume, --extend, --epochs 6 or another --run-dir; `fit`"
+    assert cli.as_flags(message, TrainConfig) == want
+    assert cli.as_flags("`model`", TrainConfig) == "--attention"

@@ -158,7 +158,7 @@ def _closed_port():
 def test_offline_tfds_fails_fast_and_names_data_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "DOWNLOAD_PROBE", ("127.0.0.1", _closed_port()))
     start = time.monotonic()
-    with pytest.raises(sources.DataError, match="--data-dir") as err:
+    with pytest.raises(sources.DataError, match="`data_dir=PATH`") as err:
         pipeline.load_cifar100("cifar100", tfds_data_dir=str(tmp_path))
     assert time.monotonic() - start < 10
     assert "cannot be reached" in str(err.value) and str(tmp_path) in str(err.value)
@@ -255,6 +255,29 @@ def test_same_seed_same_first_batch_and_reshuffled_epochs():
     assert len(epoch1) == 4  # 64 / 16, drop_remainder
     assert not np.array_equal(np.concatenate(epoch1), np.concatenate(epoch2))
     assert sorted(np.concatenate(epoch1)) == sorted(np.concatenate(epoch2))
+
+
+def test_a_pipeline_started_at_a_step_yields_the_uninterrupted_batches():
+    """Order and augmentation are keyed by (seed, step): a resumed run's batches."""
+    train, _ = pipeline.load_cifar100("synthetic", synthetic_sizes=(24, 8))
+    arrays = next(iter(train.batch(24)))
+    whole = pipeline.train_pipeline(arrays, 8, seed=3, repeat=True).take(7)
+    later = pipeline.train_pipeline(train, 8, seed=3, repeat=True, start_step=4).take(3)
+    whole = [(x.numpy(), y.numpy()) for x, y in whole]
+    for (x, y), (want_x, want_y) in zip(later, whole[4:]):
+        np.testing.assert_array_equal(x.numpy(), want_x)
+        np.testing.assert_array_equal(y.numpy(), want_y)
+    passes = [np.concatenate([y for _, y in whole[i : i + 3]]) for i in (0, 3)]
+    assert sorted(passes[0]) == sorted(passes[1]) == sorted(arrays[1].numpy())  # every example
+    assert not np.array_equal(*passes)  # once a pass, in a new order
+    mixed = {"mixup": 0.4, "cutmix": 1.0, "repeat": True, "seed": 3}  # their draws too
+    whole = list(pipeline.train_pipeline(train, 8, **mixed).take(2))[1]
+    later = next(iter(pipeline.train_pipeline(train, 8, start_step=1, **mixed)))
+    for got, want in zip(later, whole):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+    assert (whole[1].numpy() > 0).sum(axis=1).max() >= 2  # mixed labels
+    with pytest.raises(ValueError, match="start_step=4 needs repeat=True"):
+        pipeline.train_pipeline(train, 8, start_step=4)
 
 
 def test_eval_pipeline_is_never_augmented():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from nam_keras.config import TrainConfig
-from nam_keras.training import experiment
+from nam_keras.training import callbacks, experiment
 
 
 def tiny_config(tmp_path, **overrides):
@@ -78,5 +78,42 @@ def test_each_epoch_is_logged_before_its_backup(tmp_path):
     devices = experiment.set_up_devices(config)
     run = RunDirectory(config.resolved_run_dir, config.resolved_output)
     kinds = [type(c) for c in experiment.make_callbacks(config, devices, run, 2)]
-    assert kinds.index(CSVLog) < kinds.index(keras.callbacks.TensorBoard) < kinds.index(EpochBackup)
+    assert kinds.index(CSVLog) < kinds.index(callbacks.TensorBoard) < kinds.index(EpochBackup)
     assert kinds[-1] is EpochBackup
+
+
+def test_loss_is_the_cross_entropy_and_the_penalty_is_trained_and_logged_apart(tmp_path):
+    """`loss`/`val_loss` are what evaluate.py reports; NAM's penalty is logged as
+    `sparsity_penalty` and still in the gradient."""
+    import tensorflow as tf
+
+    from nam_keras import NAMAttention, batch_normalization
+    from nam_keras.reports.evaluation import accuracy_report
+    from nam_keras.training.trainer import CrossEntropyModel
+
+    config = tiny_config(tmp_path)
+    built = experiment.build_and_compile(config, experiment.set_up_devices(config))
+    assert isinstance(built, CrossEntropyModel)
+    inputs = keras.Input((8, 8, 3))
+    nam = NAMAttention(sparsity=0.01)
+    x = nam(batch_normalization("bn")(keras.layers.Conv2D(4, 3)(inputs)))
+    outputs = keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(x))
+    model = CrossEntropyModel.wrap(keras.Model(inputs, outputs))
+    model.compile(optimizer="sgd", loss=built.loss)
+    x = np.random.default_rng(0).normal(size=(16, 8, 8, 3)).astype("float32")
+    y = np.arange(16) % 10
+    logs = model.fit(x, y, batch_size=8, verbose=0, validation_data=(x, y)).history
+    penalty = 0.01 * float(np.abs(nam.channel_bn.gamma.numpy()).sum())
+    assert logs["val_sparsity_penalty"][0] == pytest.approx(penalty, rel=1e-6)
+    report = accuracy_report(model.predict(x, verbose=0), y)
+    assert logs["val_loss"][0] == pytest.approx(report["loss"], rel=1e-6)
+    gamma = nam.channel_bn.gamma
+    values, grads = [], []
+    for loss in (model.compute_loss, lambda x, y, p: model.loss(y, p)):  # with and without
+        with tf.GradientTape() as tape:
+            value = loss(x, y, model(x, training=True))
+        values.append(float(value))
+        grads.append(tape.gradient(value, gamma).numpy())
+    assert values[0] == values[1]  # the value: the cross-entropy alone
+    penalty_gradient = 0.01 * np.sign(gamma.numpy())  # d/d gamma of 0.01 * sum |gamma|
+    np.testing.assert_allclose(grads[0] - grads[1], penalty_gradient, rtol=1e-5)

@@ -101,7 +101,7 @@ def test_no_loadable_backup_is_refused_naming_no_resume(paths):
         with open(run_directory.backup_path(paths.backup, epoch), "wb") as f:
             f.write(b"not hdf5")
     run_directory.adopt_earlier_backups(paths.backup)  # recorded as ours, damaged
-    with pytest.raises(ConfigError, match=r"no backup in .* can be loaded: .*--no-resume"):
+    with pytest.raises(ConfigError, match=r"no backup in .* can be loaded: .*`resume=False`"):
         paths.restore(tiny_model(), 5, STEPS)
 
 
@@ -118,7 +118,7 @@ def test_a_backup_whose_step_count_disagrees_with_its_epoch_is_not_trusted(paths
 
 def test_a_backup_beyond_the_epochs_is_refused(paths):
     fit_with_backups(tiny_model(), paths, epochs=2)
-    with pytest.raises(ConfigError, match=r"after 2 epochs, outside 0..1 .*--epochs 2"):
+    with pytest.raises(ConfigError, match=r"after 2 epochs, outside 0..1 .*`epochs=2`"):
         paths.restore(tiny_model(), 1, STEPS)
 
 
@@ -211,7 +211,7 @@ def test_truncate_log_keeps_the_epochs_the_backup_holds_and_sets_garbage_aside(p
 def test_damaged_settings_are_a_clear_error(paths, content):
     with open(paths.config_json, "w") as f:
         f.write(content)
-    with pytest.raises(ConfigError, match=r"config.json \(the run's settings\) .*--no-resume"):
+    with pytest.raises(ConfigError, match=r"config.json \(the run's settings\) .*`resume=False`"):
         paths.check_resumable({"depth": 18}, ["depth"])
 
 

@@ -56,10 +56,93 @@ def test_baseline_and_mixup(tmp_path, tiny_args, run_script):
     assert model.name == "resnet18_plain" and not nam_keras.nam_layers(model)
 
 
+#: A run short enough for tests that compare interrupted runs with an uninterrupted one.
+EXACT = ["--epochs", "3", "--steps-per-epoch", "6", "--val-steps", "1"]
+
+
+def same_run(rows, weights, reference):
+    """The log rows (but the timing) and the final weights are the reference's: the
+    same epochs and learning rates, every figure and weight equal to float32 rounding.
+    (Usually bitwise on TensorFlow's CPU; its multi-threaded kernels may sum in
+    another order when the machine is loaded, a 1e-7 relative difference. Another
+    batch or augmentation draw would change the losses in their third digit.)"""
+    want_rows, want_weights = reference
+    assert [(r["epoch"], r["lr"]) for r in rows] == [(r["epoch"], r["lr"]) for r in want_rows]
+    for got, want in zip(rows, want_rows):
+        assert set(got) == set(want)
+        for key in set(got) - {"epoch", "lr", "train_images_per_s"}:
+            assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-5, abs=1e-7), key
+    assert len(weights) == len(want_weights)
+    for got, want in zip(weights, want_weights):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """`(log rows, final weights)` of the EXACT run without interruption."""
+    from conftest import TINY
+
+    root = tmp_path_factory.mktemp("uninterrupted")
+    args = [*TINY, *EXACT, "--run-dir", str(root / "run"), "--output", str(root / "m.keras")]
+    assert train.main(args) == 0
+    weights = keras.models.load_model(root / "m.keras").get_weights()
+    return read_csv(root / "run" / "log.csv"), weights
+
+
+class Killed(BaseException):
+    """What a SIGKILL does to a process, in-process: nothing after it runs."""
+
+
+class Interrupt(keras.callbacks.Callback):
+    """SIGTERM to this process after batch `batch` of epoch `epoch` (0-based), or,
+    with `batch=None`, a kill just after that epoch's backup."""
+
+    def __init__(self, epoch, batch=None):
+        super().__init__()
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self._epoch, batch) == (self.epoch, self.batch):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.batch is None and epoch == self.epoch:
+            raise Killed
+
+
+def test_interrupted_runs_resume_exactly(tmp_path, tiny_args, monkeypatch, uninterrupted, capsys):
+    """SIGTERM in the middle of epoch 2, then a kill just after epoch 3's backup:
+    each resume sees the batches and augmentation draws of an uninterrupted run,
+    so the log rows and the final weights are those of one (`same_run`)."""
+    from nam_keras.training import experiment
+
+    args = tiny_args(*EXACT)
+    make = experiment.make_callbacks
+    for interrupt in (Interrupt(1, batch=2), Interrupt(2)):  # after EpochBackup
+        monkeypatch.setattr(experiment, "make_callbacks", lambda *a, i=interrupt: [*make(*a), i])
+        if interrupt.batch is None:
+            with pytest.raises(Killed):
+                train.main(args)
+        else:
+            assert train.main(args) == 128 + signal.SIGTERM
+            err = capsys.readouterr().err
+            assert "train.py: error: stopped by SIGTERM during epoch 2" in err
+            assert "Re-run the same command to resume" in err
+    monkeypatch.setattr(experiment, "make_callbacks", make)
+    assert train.main(args) == 0
+    assert "3 of 3 epochs done" in capsys.readouterr().out  # nothing left but to save
+    weights = keras.models.load_model(tmp_path / "run.keras").get_weights()
+    same_run(read_csv(tmp_path / "run" / "log.csv"), weights, uninterrupted)
+
+
 @pytest.mark.slow
-def test_kill_and_resume(tmp_path, tiny_args, run_script, interrupt_when):
-    """SIGKILL after the first epoch; the same command then runs only the rest."""
-    args = tiny_args("--epochs", "3", "--steps-per-epoch", "12", "--val-freq", "0")
+def test_kill_and_resume(tmp_path, tiny_args, run_script, interrupt_when, uninterrupted):
+    """SIGKILL after the first epoch; the same command then runs only the rest,
+    and ends as the uninterrupted run."""
+    args = tiny_args(*EXACT)
     first = tmp_path / "run" / "backup" / "epoch-00001.weights.h5"
     code, _ = interrupt_when(args, first, signal.SIGKILL)
     assert code == -signal.SIGKILL, "training finished before it could be killed"
@@ -75,9 +158,9 @@ def test_kill_and_resume(tmp_path, tiny_args, run_script, interrupt_when):
     )
     ran = [line for line in out.splitlines() if line.startswith("Epoch ")]
     assert ran == [f"Epoch {e}/3" for e in range(done + 1, 4)]  # only the remaining epochs
-    assert [r["epoch"] for r in read_csv(tmp_path / "run" / "log.csv")] == ["0", "1", "2"]
     model = keras.models.load_model(tmp_path / "run.keras")
-    assert int(model.optimizer.iterations) == 36  # 3 epochs x 12 steps, as uninterrupted
+    assert int(model.optimizer.iterations) == 18  # 3 epochs x 6 steps, as uninterrupted
+    same_run(read_csv(tmp_path / "run" / "log.csv"), model.get_weights(), uninterrupted)
 
 
 # ------------------------------------------------------------------ bad input
@@ -87,6 +170,7 @@ def test_kill_and_resume(tmp_path, tiny_args, run_script, interrupt_when):
     "argv, message",
     [
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["--epoch", "1"], "unrecognized arguments: --epoch 1 (did you mean --epochs?)"),
         (["--epochs", "0"], "--epochs: expected a positive integer, received 0"),
         (["--nam", "--baseline"], "--baseline: not allowed with argument --nam"),
         (["--batch-size", "-3"], "--batch-size: expected a positive integer"),
@@ -127,28 +211,6 @@ def test_batch_not_divisible_by_replicas(tmp_path, tiny_args, run_script):
     assert "--batch-size 7 (the global batch) is not divisible by the 2 replicas" in out
 
 
-def test_nan_loss_stops_and_keeps_last_good_backup(tmp_path, tiny_args, capsys):
-    args = tiny_args(*DIVERGING)
-    assert train.main(args) == 1
-    err = capsys.readouterr().err
-    assert "the training loss became nan" in err and "epoch 3" in err
-    backup = tmp_path / "run" / "backup"
-    assert sorted(os.listdir(backup)) == [
-        "epoch-00001.weights.h5",
-        "epoch-00002.weights.h5",
-        "written.json",
-    ]
-    assert not (tmp_path / "run.keras").exists()
-
-
-def test_resume_refuses_a_different_run(tmp_path, tiny_args, capsys):
-    args = tiny_args(*DIVERGING)
-    assert train.main(args) == 1  # leaves a backup behind
-    capsys.readouterr()
-    assert train.main([*args, "--baseline"]) == 2
-    assert "holds a backup of a different run" in capsys.readouterr().err
-
-
 @pytest.mark.slow
 def test_train_and_evaluate_on_a_local_archive(tmp_path, tiny_args, make_cifar_archive, capsys):
     """The real archive path end to end: --data-dir with a CIFAR-100 python archive."""
@@ -187,54 +249,6 @@ def test_batch_larger_than_the_training_split(tmp_path, tiny_args, capsys):
 # ------------------------------------------------------------------ no lost work
 
 TWO_EPOCHS = ["--epochs", "2", "--steps-per-epoch", "2", "--val-freq", "0"]
-
-
-@pytest.mark.slow
-def test_a_finished_run_is_never_trained_again_over_its_model(tmp_path, tiny_args, capsys):
-    args = tiny_args(*TWO_EPOCHS)
-    assert train.main(args) == 0
-    model_path = tmp_path / "run.keras"
-    stamp = model_path.stat().st_mtime_ns
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["complete"] and summary["optimizer_steps"] == 4
-    # what a kill while the backups were being deleted leaves behind: a recorded one
-    (tmp_path / "run" / "backup").mkdir()
-    (tmp_path / "run" / "backup" / "epoch-00002.weights.h5").write_bytes(b"cut")
-    (tmp_path / "run" / "backup" / "written.json").write_text(
-        '{"files": ["epoch-00002.weights.h5"]}'
-    )
-    capsys.readouterr()
-    assert train.main(args) == 0
-    assert "this run is complete (2 epochs" in capsys.readouterr().out
-    assert model_path.stat().st_mtime_ns == stamp  # the trained model, untouched
-    assert not (tmp_path / "run" / "backup").exists()  # the leftover is cleaned up
-    assert train.main([*args, "--epochs", "1"]) == 2  # other settings: refused, not retrained
-    assert "'epochs': (2, 1)" in capsys.readouterr().err
-    assert model_path.stat().st_mtime_ns == stamp
-
-
-@pytest.mark.slow
-def test_sigterm_stops_cleanly_and_a_damaged_backup_falls_back(
-    tmp_path, tiny_args, run_script, interrupt_when
-):
-    args = tiny_args("--epochs", "4", "--steps-per-epoch", "6", "--val-freq", "0")
-    second = tmp_path / "run" / "backup" / "epoch-00002.weights.h5"
-    code, out = interrupt_when(args, second, signal.SIGTERM)
-    assert code == 128 + signal.SIGTERM, out
-    assert "train.py: error: stopped by SIGTERM during epoch" in out
-    assert "Re-run the same command to resume" in out
-    backups = rundir.backups(tmp_path / "run" / "backup")
-    newest_epoch, newest = backups[0]
-    assert newest_epoch >= 2 and not (tmp_path / "run.keras").exists()
-    with open(newest, "r+b") as f:  # as a Ctrl-C in the middle of writing it would leave it
-        f.truncate(1000)
-    proc = run_script("train.py", args)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out
-    assert f"skipped damaged backup(s): {os.path.basename(newest)}" in out
-    assert f"{newest_epoch - 1} of 4 epochs done" in out
-    model = keras.models.load_model(tmp_path / "run.keras")
-    assert int(model.optimizer.iterations) == 24  # as an uninterrupted run
 
 
 @pytest.mark.slow
@@ -362,3 +376,131 @@ def test_a_run_that_fails_at_start_leaves_no_run_directory(tmp_path, tiny_args, 
     assert train.main(args) == 2
     assert "absent.tar.gz: no such file or folder" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ run lifecycle
+
+
+def tensorboard_tags(folder):
+    import glob
+
+    import tensorflow as tf
+
+    events = glob.glob(str(folder / "*" / "events.*"))
+    return {
+        v.tag
+        for f in events
+        for e in tf.compat.v1.train.summary_iterator(f)
+        for v in e.summary.value
+    }
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_a_record_kept_whole_until_extended(tmp_path, tiny_args, capsys):
+    args = tiny_args("--epochs", "1", "--steps-per-epoch", "2", "--val-steps", "1")
+    assert train.main(args) == 0
+    best = tmp_path / "run" / "best.keras"
+    assert keras.models.load_model(best).count_params() > 0  # the one epoch: the best so far
+    model_path = tmp_path / "run.keras"
+    stamp = model_path.stat().st_mtime_ns
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["complete"] and summary["optimizer_steps"] == 2
+    # what a kill while the backups were being deleted leaves behind: a recorded one
+    (tmp_path / "run" / "backup").mkdir()
+    (tmp_path / "run" / "backup" / "epoch-00001.weights.h5").write_bytes(b"cut")
+    (tmp_path / "run" / "backup" / "written.json").write_text(
+        '{"files": ["epoch-00001.weights.h5"]}'
+    )
+    capsys.readouterr()
+    assert train.main(args) == 0
+    assert "this run is complete (1 epochs" in capsys.readouterr().out
+    assert model_path.stat().st_mtime_ns == stamp  # the trained model, untouched
+    assert not (tmp_path / "run" / "backup").exists()  # the leftover is cleaned up
+    assert train.main([*args, "--epochs", "2"]) == 2  # other settings: refused, not retrained
+    err = capsys.readouterr().err
+    assert "'epochs': (1, 2)" in err and "pass --extend to give it more --epochs" in err
+    assert train.main([*args, "--epochs", "1", "--extend"]) == 2
+    err = capsys.readouterr().err
+    assert "--epochs 1 with --extend: the finished run in" in err
+    assert "has 1 epochs; expected more than 1 epochs" in err
+    assert model_path.stat().st_mtime_ns == stamp
+
+    assert train.main([*args, "--epochs", "2", "--extend"]) == 0
+    assert "extending the finished run in" in capsys.readouterr().out
+    model = keras.models.load_model(model_path)
+    assert int(model.optimizer.iterations) == 4  # the first epoch's steps kept, 2 more
+    assert [r["epoch"] for r in read_csv(tmp_path / "run" / "log.csv")] == ["0", "1"]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["total_steps"] == 4 and config["extended_from_epochs"] == 1
+    tags = tensorboard_tags(tmp_path / "run" / "tensorboard")
+    assert "epoch_lr" in tags and "epoch_learning_rate" not in tags  # the LR once
+    assert {"epoch_loss", "epoch_sparsity_penalty"} <= tags
+
+
+def test_initial_checkpoint_and_config_file(tmp_path, tiny_args, trained_model, capsys):
+    from nam_keras import cli
+    from nam_keras.config import TrainConfig
+
+    trained = keras.models.load_model(trained_model)  # TINY, batch 16, 1 epoch of 2 steps
+    args = tiny_args(*TWO_EPOCHS, "--lr", "0", "--initial-checkpoint", str(trained_model))
+    assert train.main([*args, "--epochs", "1"]) == 0
+    assert "starting from the weights of" in capsys.readouterr().out
+    model = keras.models.load_model(tmp_path / "run.keras")
+    assert int(model.optimizer.iterations) == 2  # the optimizer started afresh
+    for got, want in zip(model.trainable_weights, trained.trainable_weights):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())  # learning rate 0
+    assert train.main([*args, "--width", "8", "--run-dir", str(tmp_path / "w8")]) == 2
+    err = capsys.readouterr().err
+    assert "--initial-checkpoint" in err and "not the network of this run" in err
+    assert train.main([*tiny_args("--initial-checkpoint", str(tmp_path / "no.keras"))]) == 2
+    assert "no.keras: no such file; expected a .keras file" in capsys.readouterr().err
+
+    recorded = str(tmp_path / "run" / "config.json")
+    again = cli.parse_config(TrainConfig, ["--config", recorded, "--lr", "0.5"], "train.py", "")
+    assert (again.depth, again.width, again.epochs, again.lr) == (18, 4, 1, 0.5)
+    assert again.synthetic_size == (64, 16) and again.initial_checkpoint == str(trained_model)
+    (tmp_path / "other.json").write_text('{"depth": 18}')
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--config", str(tmp_path / "other.json")])
+    assert exit_info.value.code == 2
+    assert "other.json was not written by train.py" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_and_a_different_run_is_refused_in_flags_or_python_words(
+    tmp_path, tiny_args, monkeypatch, capsys
+):
+    """A NaN loss keeps the last good backup; resuming it as another run is refused,
+    naming flags on the command line and `TrainConfig` arguments from Python, where
+    the progress lines are printed too."""
+    import logging
+
+    from nam_keras.config import TrainConfig
+    from nam_keras.errors import ConfigError
+    from nam_keras.training import experiment
+
+    args = tiny_args(*DIVERGING)
+    assert train.main(args) == 1
+    err = capsys.readouterr().err
+    assert "the training loss became nan" in err and "epoch 3" in err
+    backup = tmp_path / "run" / "backup"
+    assert sorted(os.listdir(backup)) == [
+        "epoch-00001.weights.h5",
+        "epoch-00002.weights.h5",
+        "written.json",
+    ]
+    assert not (tmp_path / "run.keras").exists()
+    assert train.main([*args, "--baseline"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a backup of a different run" in err
+    assert "pass --no-resume to start afresh or choose another --run-dir" in err
+    config = TrainConfig(
+        dataset="synthetic", synthetic_size=(64, 16), depth=18, width=4, batch_size=8,
+        epochs=4, steps_per_epoch=1, val_freq=0, run_dir=str(tmp_path / "run"),
+        output=str(tmp_path / "run.keras"), model="baseline", verbose=2,
+    )  # fmt: skip
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # no logging set up
+    monkeypatch.setattr(logging.getLogger("nam_keras"), "handlers", [])
+    message = "pass `resume=False` to start afresh or choose another `run_dir`"
+    with pytest.raises(ConfigError, match=message):
+        experiment.train(config)
+    assert "[nam-keras] device: CPU" in capsys.readouterr().out

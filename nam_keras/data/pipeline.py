@@ -140,8 +140,82 @@ def _with_options(ds):
     return ds.with_options(options)
 
 
+def check_batch_size(batch_size, n):
+    """`DataError` unless a batch of `batch_size` fits in the `n` training examples."""
+    if n < batch_size:
+        raise DataError(f"batch_size {batch_size} is larger than the {n} training examples.")
+
+
+def _as_arrays(data):
+    """`(images, labels)` tensors of a finite dataset of `(image, label)` or of an array pair."""
+    if isinstance(data, tf.data.Dataset):
+        n = int(data.cardinality())
+        if n < 1:
+            raise ValueError(f"expected a finite, non-empty training dataset; its size is {n}.")
+        return data.batch(n).get_single_element()
+    images, labels = data
+    return tf.convert_to_tensor(images), tf.convert_to_tensor(labels)
+
+
+def batch_indices(step, seed, batch_size, n):
+    """The example indices of training batch `step` (0-based, global): positions
+    `step * batch_size ...` of the endless sequence of passes over the `n`
+    examples, each pass a permutation keyed by `(seed, pass)`
+    (`tf.random.experimental.index_shuffle`). A batch may span two passes."""
+    step = tf.cast(step, tf.int64)
+    positions = step * batch_size + tf.range(batch_size, dtype=tf.int64)
+    passes, within = positions // n, positions % n
+    first = passes[0]
+
+    def shuffled(p):
+        key = tf.random.experimental.stateless_fold_in(tf.stack([tf.cast(seed, tf.int64), 0]), p)
+        return tf.random.experimental.index_shuffle(within, key, n - 1)
+
+    return tf.where(passes == first, shuffled(first), shuffled(first + 1))
+
+
+def augmentation_seed(step, seed, stream=1):
+    """The stateless seed (shape (2,)) of training batch `step`'s augmentation
+    (`stream` 1: `augment_batch`; 2: MixUp and CutMix)."""
+    base = tf.stack([tf.cast(seed, tf.int64), stream])
+    return tf.random.experimental.stateless_fold_in(base, tf.cast(step, tf.int64))
+
+
+class StepSeeds(keras.random.SeedGenerator):
+    """Seeds for the `seed=` argument of a Keras augmentation layer's
+    `get_random_transformation`, keyed by one batch: the i-th draw is
+    `stateless_fold_in(key, i)`. It has no state to advance, so the draws of a
+    batch depend on its key alone (not on the batches before it, nor on the
+    order in which a parallel `map` runs)."""
+
+    def __init__(self, key):  # not the base class': it makes a state variable
+        self._key = key
+        self._draws = 0
+
+    def next(self, ordered=True):
+        self._draws += 1
+        return tf.random.experimental.stateless_fold_in(self._key, self._draws)
+
+
+def _mix(mixers, images, labels, key):
+    """`images, labels` through the MixUp/CutMix layers `mixers`, their draws keyed by `key`."""
+    seeds = StepSeeds(key)
+    for mixer in mixers:
+        # inside tf.data the layer computes with TensorFlow whatever the Keras backend
+        # (what calling the layer does for itself; its methods alone do not)
+        mixer.backend.set_backend("tensorflow")
+        try:
+            data = {"images": images, "labels": labels}
+            drawn = mixer.get_random_transformation(data, training=True, seed=seeds)
+            images = mixer.transform_images(images, drawn, training=True)
+            labels = mixer.transform_labels(labels, drawn, training=True)
+        finally:
+            mixer.backend.reset()
+    return images, labels
+
+
 def train_pipeline(
-    ds,
+    data,
     batch_size,
     seed=0,
     augment="reference",
@@ -150,40 +224,58 @@ def train_pipeline(
     cutmix=0.0,
     num_classes=NUM_CLASSES,
     repeat=False,
-    shuffle_buffer=None,
     one_hot=False,
+    start_step=0,
 ):
-    """Shuffled (every epoch, from `seed`), batched, augmented training batches.
+    """Shuffled, batched, augmented training batches, each a function of
+    `(seed, step)` alone.
 
     Yields `(images float32 (B, 32, 32, 3) in [0, 255], labels)`; labels are
     int32 class ids, or float32 one-hot (B, num_classes) when MixUp or CutMix
     is on. `batch_size` is the global batch (under a `tf.distribute` strategy
-    Keras splits it across replicas); the last partial batch is dropped.
-    The same seed gives the same batches.
+    Keras splits it across replicas).
+
+    Batch `step` (counted from 0 over the whole run) holds the examples at
+    positions `step * batch_size ...` of consecutive passes over the data, each
+    pass a permutation keyed by `(seed, pass)` (`batch_indices`), and its
+    reference augmentation draws are keyed by `(seed, step)`
+    (`augmentation_seed`; MixUp's and CutMix's too, through `StepSeeds`). A
+    pipeline started at `start_step` therefore yields exactly the batches an
+    uninterrupted one yields from that step on: a resumed run sees the batches
+    it would have seen. (`keras.layers.RandAugment` draws from its own seed
+    generator: seeded, but not keyed by the step.)
 
     Args:
+        data: the training examples, in memory: a finite `tf.data.Dataset` of
+            `(uint8 image, label)` or a pair of arrays `(images, labels)`.
         augment: `"reference"` (`augment_batch`: crop, flip, rotation,
             brightness, contrast), `"crop-flip"` (the official NAM code's:
             4-pixel pad + crop and flip only) or `"none"`.
         randaugment: also apply `keras.layers.RandAugment`.
         mixup: MixUp alpha (0 disables); `keras.layers.MixUp`.
         cutmix: CutMix alpha (0 disables); `keras.layers.CutMix`.
-        repeat: repeat forever (use with `steps_per_epoch`).
+        repeat: endless (use with `steps_per_epoch`); otherwise one pass of
+            `n // batch_size` batches, a new permutation each time the dataset
+            is iterated (the last partial batch is dropped).
         one_hot: one-hot labels even without MixUp/CutMix (label smoothing).
+        start_step: the first batch's step (`repeat` only): a resumed run's
+            completed steps.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; received {batch_size}.")
     if augment not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {sorted(AUGMENTATIONS)}; received {augment!r}.")
-    n = int(ds.cardinality())
-    if n >= 0 and n < batch_size:
-        raise DataError(f"batch_size {batch_size} is larger than the {n} training examples.")
-    ds = ds.shuffle(shuffle_buffer or max(n, 1), seed=seed, reshuffle_each_iteration=True)
+    if start_step and not repeat:
+        raise ValueError(f"start_step={start_step} needs repeat=True.")
+    images, labels = _as_arrays(data)
+    n = int(images.shape[0])
+    check_batch_size(batch_size, n)
     if repeat:
-        ds = ds.repeat()
-    ds = ds.batch(batch_size, drop_remainder=True)
-    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-    ds = tf.data.Dataset.zip((ds, seeds))
+        steps = tf.data.Dataset.counter(int(start_step)).map(lambda s: (tf.cast(seed, tf.int64), s))
+    else:  # one pass, keyed by a new draw of `seed`'s stream each time it is iterated
+        keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1)
+        passes = n // batch_size
+        steps = keys.flat_map(lambda key: tf.data.Dataset.range(passes).map(lambda s: (key, s)))
 
     # Keras core augmentation layers, applied to whole batches in tf.data, with
     # their dtype given like every layer's: float32, the pipeline's images and labels.
@@ -194,21 +286,23 @@ def train_pipeline(
     if cutmix:
         mixers.append(keras.layers.CutMix(factor=cutmix, seed=seed, dtype="float32"))
 
-    def transform(batch, batch_seed):
-        images, labels = batch
-        images = tf.cast(images, tf.float32)
+    def transform(key, step):
+        index = batch_indices(step, key, batch_size, n)
+        batch_images = tf.cast(tf.gather(images, index), tf.float32)
+        batch_labels = tf.gather(labels, index)
         if AUGMENTATIONS[augment] is not None:
-            images = augment_batch(images, batch_seed, **AUGMENTATIONS[augment])
+            batch_images = augment_batch(
+                batch_images, augmentation_seed(step, key), **AUGMENTATIONS[augment]
+            )
         if rand_aug is not None:
-            images = rand_aug(images, training=True)
+            batch_images = rand_aug(batch_images, training=True)
         if mixers or one_hot:
-            labels = tf.one_hot(labels, num_classes)
-            for mixer in mixers:
-                out = mixer({"images": images, "labels": labels}, training=True)
-                images, labels = out["images"], out["labels"]
-        return images, labels
+            batch_labels = tf.one_hot(batch_labels, num_classes)
+            key = augmentation_seed(step, key, stream=2)
+            batch_images, batch_labels = _mix(mixers, batch_images, batch_labels, key)
+        return batch_images, batch_labels
 
-    ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = steps.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
     return _with_options(ds.prefetch(tf.data.AUTOTUNE))
 
 

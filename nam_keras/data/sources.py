@@ -36,8 +36,8 @@ FOLDER_NAME = "cifar-100-python"
 
 _OFFLINE_HELP = (
     "Download cifar-100-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html) on a "
-    "machine with internet access and pass it with --data-dir PATH (the .tar.gz, its "
-    "folder, or the extracted cifar-100-python/ folder), or use --dataset synthetic for "
+    "machine with internet access and pass it with `data_dir=PATH` (the .tar.gz, its "
+    "folder, or the extracted cifar-100-python/ folder), or use `dataset=synthetic` for "
     "a smoke run."
 )
 
@@ -133,20 +133,20 @@ def _split_of(member, path):
     return split
 
 
-def _read_archive(path):
+def _read_archive(path, wanted=tuple(FULL_SIZES)):
     splits = {}
     try:
         with tarfile.open(path, "r:gz") as tar:
             for member in tar:
                 split = _split_of(member, path)
-                if split is not None:
+                if split in wanted:
                     splits[split] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
         raise DataError(
             f"{path}: cannot read the CIFAR-100 archive, it is truncated or corrupt "
             f"({type(err).__name__}: {err}). Download it again. {_OFFLINE_HELP}"
         ) from None
-    missing = sorted(set(FULL_SIZES) - set(splits))
+    missing = sorted(set(wanted) - set(splits))
     if missing:
         raise DataError(
             f"{path}: the archive has no {FOLDER_NAME}/{' or '.join(missing)} member; "
@@ -155,9 +155,9 @@ def _read_archive(path):
     return {s: _decode_pickle(raw, s, path) for s, raw in splits.items()}
 
 
-def _read_folder(folder):
+def _read_folder(folder, wanted=tuple(FULL_SIZES)):
     out = {}
-    for split in FULL_SIZES:
+    for split in wanted:
         path = os.path.join(folder, split)
         _check_size(os.path.getsize(path), split, path)
         with open(path, "rb") as f:
@@ -165,13 +165,13 @@ def _read_folder(folder):
     return out
 
 
-def read_cifar100_python(path):
+def read_cifar100_python(path, splits=tuple(FULL_SIZES)):
     """Reads CIFAR-100 from `cifar-100-python.tar.gz` or its extracted folder.
 
     `path` may be the archive, the extracted `cifar-100-python/` folder, or a
     folder holding either. The archive is read in memory, never extracted.
-    Returns `{"train": (images, labels), "test": (images, labels)}` with
-    images uint8 (N, 32, 32, 3) and fine labels int32.
+    Returns `{"train": (images, labels), "test": (images, labels)}` (the
+    `splits` asked for) with images uint8 (N, 32, 32, 3) and fine labels int32.
 
     The files are Python pickles; they are read with `safe_pickle.loads`,
     which refuses anything but plain data (no code runs from the archive),
@@ -179,7 +179,7 @@ def read_cifar100_python(path):
     """
     path = os.fspath(path)
     if os.path.isfile(path):
-        return _read_archive(path)
+        return _read_archive(path, splits)
     if os.path.isdir(path):
         candidates = [
             (path, os.path.isfile(os.path.join(path, "train"))),
@@ -187,12 +187,12 @@ def read_cifar100_python(path):
         ]
         for folder, ok in candidates:
             if ok:
-                missing = [s for s in FULL_SIZES if not os.path.isfile(os.path.join(folder, s))]
+                missing = [s for s in splits if not os.path.isfile(os.path.join(folder, s))]
                 if missing:
                     raise DataError(f"{folder}: missing the CIFAR-100 {missing} file(s).")
-                return _read_folder(folder)
+                return _read_folder(folder, splits)
         if os.path.isfile(os.path.join(path, ARCHIVE_NAME)):
-            return _read_archive(os.path.join(path, ARCHIVE_NAME))
+            return _read_archive(os.path.join(path, ARCHIVE_NAME), splits)
         raise DataError(
             f"{path}: found neither {ARCHIVE_NAME}, a {FOLDER_NAME}/ folder, nor the "
             f"train/test files. {_OFFLINE_HELP}"
@@ -217,15 +217,13 @@ def _reachable(address, timeout):
         pool.shutdown(wait=False)
 
 
-def _tfds_arrays(data_dir):
+def _tfds_arrays(data_dir, wanted=tuple(FULL_SIZES)):
     import tensorflow_datasets as tfds
 
     def load(download):
-        splits = tfds.load(
-            "cifar100", split=["train", "test"], data_dir=data_dir, download=download
-        )
+        splits = tfds.load("cifar100", split=list(wanted), data_dir=data_dir, download=download)
         out = {}
-        for name, ds in zip(("train", "test"), splits):  # decode once, into memory
+        for name, ds in zip(wanted, splits):  # decode once, into memory
             chunks = list(tfds.as_numpy(ds.batch(10_000)))
             keys = ("image", "label", "coarse_label")
             out[name] = tuple(np.concatenate([c[k] for c in chunks]) for k in keys)
@@ -263,9 +261,15 @@ def synthetic_arrays(train_size=50_000, test_size=10_000, seed=0):
 
 
 def load_cifar100_arrays(
-    source="cifar100", data_dir=None, tfds_data_dir=None, synthetic_sizes=(50_000, 10_000), seed=0
+    source="cifar100",
+    data_dir=None,
+    tfds_data_dir=None,
+    synthetic_sizes=(50_000, 10_000),
+    seed=0,
+    splits=tuple(FULL_SIZES),
 ):
-    """`{"train": (images, labels), "test": (images, labels)}` as NumPy arrays.
+    """`{"train": (images, labels), "test": (images, labels)}` as NumPy arrays:
+    the `splits` asked for, the others neither read nor decoded.
 
     Args:
         source: `"cifar100"` (TFDS, or the local archive when `data_dir` is
@@ -275,17 +279,22 @@ def load_cifar100_arrays(
         tfds_data_dir: TFDS data folder (default `~/tensorflow_datasets`).
         synthetic_sizes: (train, test) sizes of the synthetic source.
         seed: seed of the synthetic source.
+        splits: `"train"`, `"test"` or both (the default).
     """
     if source not in SOURCES:
         raise DataError(f"Unknown dataset {source!r}; expected one of {list(SOURCES)}.")
-    if source == "synthetic":
-        return synthetic_arrays(*synthetic_sizes, seed=seed)
+    unknown = [s for s in splits if s not in FULL_SIZES]
+    if unknown or not splits:
+        raise DataError(f"splits must name 'train' and/or 'test'; received {splits!r}.")
+    if source == "synthetic":  # the test split is drawn after the train split: both drawn
+        arrays = synthetic_arrays(*synthetic_sizes, seed=seed)
+        return {s: arrays[s] for s in splits}
     if data_dir:
-        return read_cifar100_python(data_dir)
-    return _tfds_arrays(tfds_data_dir)
+        return read_cifar100_python(data_dir, tuple(splits))
+    return _tfds_arrays(tfds_data_dir, tuple(splits))
 
 
-def load_for(config):
+def load_for(config, splits=tuple(FULL_SIZES)):
     """`load_cifar100_arrays` with the data settings of a `TrainConfig`/`EvalConfig`."""
     return load_cifar100_arrays(
         config.dataset,
@@ -293,4 +302,5 @@ def load_for(config):
         tfds_data_dir=config.tfds_data_dir,
         synthetic_sizes=tuple(config.synthetic_size),
         seed=config.seed,
+        splits=splits,
     )

@@ -162,7 +162,7 @@ def export_model(model, report, config):
             f"LiteRT model -> {report['export_tflite']} (weights {config.tflite_quantize}; "
             "images uint8 (N, 32, 32, 3) -> probabilities)"
         )
-    onnx_path = getattr(config, "export_onnx", None)
+    onnx_path = config.export_onnx
     if onnx_path:
         report["export_onnx"] = export.export_onnx(model, onnx_path)
         logger.info(f"ONNX model -> {onnx_path} (images uint8 (N, 32, 32, 3) -> probabilities)")
@@ -421,7 +421,7 @@ def evaluate_test_set(model, config):
         scores = model.scores or keras_scores(model.model)
     else:
         scores = keras_scores(model)
-    images, labels = sources.load_for(config)["test"]
+    images, labels = sources.load_for(config, splits=("test",))["test"]
     logits = scores(images, config.batch_size)
     if config.tta == "flip":
         logits = flip_average(logits, scores(images[:, :, ::-1], config.batch_size))

@@ -53,8 +53,10 @@ class NAMSparsity(keras.callbacks.Callback):
 
 class TrainingSpeed(keras.callbacks.Callback):
     """Adds `train_images_per_s` to every epoch's logs: training images per
-    second of the epoch's training steps (validation excluded; the first
-    epoch includes the compilation).
+    second of the epoch's training steps, validation excluded. The first epoch
+    a `fit` trains compiles the training step in its first step: its figure is
+    timed from the end of that step over the steps after it (all of them when
+    the epoch has one step only).
 
     Args:
         batch_size: the global batch size.
@@ -65,11 +67,19 @@ class TrainingSpeed(keras.callbacks.Callback):
         self.batch_size = int(batch_size)
         self._start = self._end = None
         self._steps = 0
+        self._compiled = False
+
+    def on_train_begin(self, logs=None):
+        self._compiled = False
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start, self._end, self._steps = time.perf_counter(), None, 0
 
     def on_train_batch_end(self, batch, logs=None):
+        if not self._compiled and (self.params or {}).get("steps") != 1:
+            self._compiled = True  # the step that compiled: timing starts after it
+            self._start = time.perf_counter()
+            return
         self._steps += 1
 
     def on_test_begin(self, logs=None):
@@ -77,9 +87,26 @@ class TrainingSpeed(keras.callbacks.Callback):
             self._end = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
+        self._compiled = True
         seconds = (self._end or time.perf_counter()) - self._start
         if logs is not None and seconds > 0:
             logs["train_images_per_s"] = self._steps * self.batch_size / seconds
+
+
+def end_progress_line(callback):
+    """Ends the line of the progress bar (`fit`'s `verbose=1`), so that a message
+    printed next starts on a line of its own."""
+    if (callback.params or {}).get("verbose") == 1:
+        print(flush=True)
+
+
+class TensorBoard(keras.callbacks.TensorBoard):
+    """`keras.callbacks.TensorBoard` that logs the learning rate once: as `lr`
+    from the epoch logs (the rate of the epoch's last step, as in `log.csv`),
+    not again as Keras' `learning_rate`."""
+
+    def _collect_learning_rate(self, logs):
+        return logs
 
 
 def _duration(seconds):
@@ -122,8 +149,7 @@ class EpochTimeEstimate(keras.callbacks.Callback):
             self.estimate_s = per_step * self.steps_per_epoch
             text = f"one epoch takes about {_duration(self.estimate_s)} ({per_step:.2f} s/step x "
             text += f"{self.steps_per_epoch} steps)"
-            if self.params.get("verbose") == 1:
-                print(flush=True)  # end the progress bar's line
+            end_progress_line(self)
             logging.getLogger("nam_keras").info(text + (f"; {self.hint}" if self.hint else ""))
 
 
@@ -138,6 +164,7 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not np.isfinite(float(loss)):
+            end_progress_line(self)
             raise NonFiniteLossError(
                 f"the training loss became {float(loss)} at step {batch} of epoch "
                 f"{self._epoch + 1}; training stopped. The last completed epoch "
@@ -189,6 +216,7 @@ class StopOnSignal(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if self.received is not None:
             self.on_train_end()
+            end_progress_line(self)
             name = signal.Signals(self.received).name
             raise TrainingInterruptedError(
                 f"stopped by {name} during epoch {self._epoch + 1}; the {self._epoch} completed "

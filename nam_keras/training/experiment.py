@@ -6,10 +6,13 @@
 
 `train` sets up the devices, prepares the run directory (resuming a backup),
 builds and compiles the model, fits it with the callbacks and saves it. The
-steps raise `ConfigError`, `DataError` or `NonFiniteLossError`; progress goes to
-the `"nam_keras"` logger, which only the command lines print.
+steps raise `ConfigError`, `DataError` or `NonFiniteLossError`, naming the
+`TrainConfig` arguments (`resume=False`; `train.py` writes them as flags);
+progress goes to the `"nam_keras"` logger, which `train` prints while it runs
+when `config.verbose` is not 0 and no logging is set up.
 """
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -18,7 +21,7 @@ import time
 import keras
 from keras import ops
 
-from nam_keras import cifar100
+from nam_keras import cifar100, cli
 from nam_keras import config as settings
 from nam_keras.data import pipeline, sources
 from nam_keras.errors import ConfigError
@@ -26,6 +29,7 @@ from nam_keras.models.resnet import build_resnet, forward_multiply_adds
 from nam_keras.training import callbacks, distribute, schedules
 from nam_keras.training.optimizers import TorchSGD
 from nam_keras.training.run_directory import RunDirectory
+from nam_keras.training.trainer import CrossEntropyModel
 
 logger = logging.getLogger("nam_keras")
 
@@ -68,7 +72,7 @@ def set_up_devices(config):
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:
         raise ConfigError(
-            f"--batch-size {config.batch_size} (the global batch) is not divisible by the "
+            f"`batch_size={config.batch_size}` (the global batch) is not divisible by the "
             f"{replicas} replicas of {distribute.strategy_name(strategy)}."
         )
     return Devices(
@@ -82,13 +86,27 @@ def set_up_devices(config):
 
 
 def load_datasets(config):
-    """`(train batches repeated forever, validation batches or None, train size)`."""
+    """`(training arrays (images, labels), validation batches or None)`; the
+    training batches are made by `train_batches` once the first step is known."""
     import tensorflow as tf
 
     arrays = sources.load_for(config)
-    # train_pipeline refuses a batch larger than the training split (DataError).
-    train_ds = pipeline.train_pipeline(
-        tf.data.Dataset.from_tensor_slices(arrays["train"]),
+    pipeline.check_batch_size(config.batch_size, len(arrays["train"][1]))
+    val_ds = None
+    if config.val_freq:
+        val_ds = pipeline.eval_pipeline(
+            tf.data.Dataset.from_tensor_slices(arrays["test"]),
+            config.batch_size,
+            one_hot=cifar100.NUM_CLASSES if config.one_hot else None,
+        )
+    return arrays["train"], val_ds
+
+
+def train_batches(config, train_arrays, start_step=0):
+    """The endless training batches from global step `start_step` on: batch `s`
+    is a function of `(config.seed, s)` (`pipeline.train_pipeline`)."""
+    return pipeline.train_pipeline(
+        train_arrays,
         config.batch_size,
         seed=config.seed,
         augment=config.augment,
@@ -97,15 +115,8 @@ def load_datasets(config):
         cutmix=config.cutmix,
         repeat=True,
         one_hot=config.one_hot,
+        start_step=start_step,
     )
-    val_ds = None
-    if config.val_freq:
-        val_ds = pipeline.eval_pipeline(
-            tf.data.Dataset.from_tensor_slices(arrays["test"]),
-            config.batch_size,
-            one_hot=cifar100.NUM_CLASSES if config.one_hot else None,
-        )
-    return train_ds, val_ds, len(arrays["train"][1])
 
 
 def resolved_config(config, devices, n_train):
@@ -135,9 +146,11 @@ def resolved_config(config, devices, n_train):
 
 
 def build_and_compile(config, devices):
-    """The ResNet of `config`, compiled with the recipe's loss, optimizer and metrics."""
+    """The ResNet of `config` as a `CrossEntropyModel`, compiled with the recipe's
+    loss, optimizer and metrics: its `loss` is the cross-entropy, NAM's penalty
+    (trained as well) is logged as `sparsity_penalty`."""
     with devices.strategy.scope():
-        model = build_resnet(
+        network = build_resnet(
             depth=config.depth,
             num_classes=cifar100.NUM_CLASSES,
             attention=None if config.model == "baseline" else config.model,
@@ -147,6 +160,7 @@ def build_and_compile(config, devices):
             attention_kwargs=config.attention_kwargs or None,
             dtype=devices.precision,
         )
+        model = CrossEntropyModel.wrap(network)  # `loss` is the cross-entropy (trainer.py)
         optimizer = TorchSGD(
             learning_rate=0.0,
             momentum=config.momentum,
@@ -174,6 +188,38 @@ def build_and_compile(config, devices):
             optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=devices.jit_compile
         )
     return model
+
+
+def _check_initial_checkpoint(path):
+    if path is not None and not os.path.isfile(path):
+        raise ConfigError(
+            f"`initial_checkpoint={path}`: no such file; expected a .keras file written by "
+            "train.py."
+        )
+
+
+def warm_start(model, path):
+    """Loads the weights of the trained `.keras` file `path` into `model` (the
+    same network: names and shapes must match); the optimizer is left as it is."""
+    try:
+        trained = keras.models.load_model(path)
+    except Exception as err:
+        raise ConfigError(
+            f"`initial_checkpoint={path}` cannot be loaded ({type(err).__name__}: {err}); "
+            "expected a .keras file written by train.py."
+        ) from None
+    want = [(w.path, tuple(w.shape)) for w in model.weights]
+    got = [(w.path, tuple(w.shape)) for w in trained.weights]
+    if want != got:
+        diff = next(((g, w) for g, w in zip(got, want) if g != w), (len(got), len(want)))
+        raise ConfigError(
+            f"`initial_checkpoint={path}` holds {trained.name} ({len(got)} weights), not the "
+            f"network of this run, {model.name} ({len(want)} weights); first difference (file, "
+            f"run): {diff}. Expected a model with the same `model`, `depth`, `width` and "
+            "`stem`."
+        )
+    model.set_weights(trained.get_weights())
+    logger.info(f"starting from the weights of {path} ({trained.name}); the optimizer is fresh")
 
 
 def schedule_callback(config, steps_per_epoch):
@@ -212,7 +258,8 @@ def make_callbacks(config, devices, run, steps_per_epoch):
         callbacks.StopOnNonFiniteLoss(),
         callbacks.StopOnSignal(),
         run.csv_logger(),
-        keras.callbacks.TensorBoard(run.tensorboard),
+        callbacks.TensorBoard(run.tensorboard),
+        run.best_checkpoint(),
         run.callback(steps_per_epoch, config.epochs, scope=devices.strategy.scope),
     ]
 
@@ -241,14 +288,14 @@ def _log_start(config, resolved):
     total = resolved["total_steps"]
     logger.info(
         f"global batch {config.batch_size} ({resolved['per_replica_batch']} per replica); "
-        f"peak LR {config.peak_lr:g} (--lr {config.lr:g} for batch 128, scaling "
+        f"peak LR {config.peak_lr:g} (`lr={config.lr:g}` for batch 128, scaling "
         f"{config.lr_scaling}); {config.epochs} epochs x {resolved['steps_per_epoch']} steps = "
         f"{total} steps; schedule {config.schedule}, warmup {config.warmup_steps}; "
         f"recipe {config.recipe}"
     )
     if config.warmup_steps >= total:
         logger.info(
-            f"warning: --warmup-steps {config.warmup_steps} >= {total} total steps: "
+            f"warning: `warmup_steps={config.warmup_steps}` >= {total} total steps: "
             "the learning rate never reaches its peak"
         )
 
@@ -270,21 +317,32 @@ def _log_done(model, config, logs, summary):
 
 
 def _fit(config, devices, run, datasets, resolved):
-    """Builds, fits and saves the model in an open run directory."""
+    """Builds, resumes (when a backup is there), fits and saves the model in an
+    open run directory."""
     started = time.time()
-    train_ds, val_ds = datasets
+    train_arrays, val_ds = datasets
+    steps = resolved["steps_per_epoch"]
     model = build_and_compile(config, devices)
     _log_start(config, resolved)
+    initial_epoch = run.resume(model, config.epochs, steps, scope=devices.strategy.scope)
+    if not initial_epoch and config.initial_checkpoint:
+        warm_start(model, config.initial_checkpoint)
+    if initial_epoch and config.randaugment:
+        logger.info(
+            "note: the draws of `randaugment` are not keyed by the step: after a resume they "
+            "differ from an uninterrupted run's (the order and the other augmentations do not)"
+        )
     history = model.fit(
-        train_ds,
+        train_batches(config, train_arrays, start_step=initial_epoch * steps),
         epochs=config.epochs,
-        steps_per_epoch=resolved["steps_per_epoch"],
+        initial_epoch=initial_epoch,
+        steps_per_epoch=steps,
         validation_data=val_ds,
         validation_steps=config.val_steps,
         validation_freq=config.val_freq or 1,
         verbose=config.verbose,
-        shuffle=False,  # the pipeline shuffles, seeded, every epoch
-        callbacks=make_callbacks(config, devices, run, resolved["steps_per_epoch"]),
+        shuffle=False,  # the pipeline shuffles, keyed by the seed and the step
+        callbacks=make_callbacks(config, devices, run, steps),
     )
     logs, summary = run.finish(model, history, run_summary(model, config, started))
     _log_done(model, config, logs, summary)
@@ -297,6 +355,10 @@ def train(config):
     Args:
         config: a `nam_keras.config.TrainConfig`.
 
+    With `config.verbose` 1 or 2 and no logging handler set up (neither
+    on the `"nam_keras"` logger nor the root one), the progress lines that
+    `train.py` prints are printed too; `verbose=0` keeps it quiet.
+
     Returns:
         A `TrainResult` with the trained model, the last epoch's logs and
         the summary written to the run directory (for a run that had finished
@@ -308,11 +370,37 @@ def train(config):
         NonFiniteLossError: the loss became NaN/inf (the last backup is kept).
         TrainingInterruptedError: SIGTERM or Ctrl-C (the last backup is kept).
     """
+    with _progress_lines(config.verbose):
+        return _train(config)
+
+
+@contextlib.contextmanager
+def _progress_lines(verbose):
+    """Prints the `"nam_keras"` logger's lines while the block runs, unless
+    `verbose` is 0 or logging is set up (a command line's, or the caller's)."""
+    log = logging.getLogger("nam_keras")
+    if not verbose or log.handlers or logging.getLogger().handlers:
+        yield
+        return
+    handler, level, propagate = cli.ConsoleHandler(), log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
+
+
+def _train(config):
     devices = set_up_devices(config)
     _log_devices(devices)
     RunDirectory.check_paths(config.resolved_run_dir, config.resolved_output)  # before the data
-    train_ds, val_ds, n_train = load_datasets(config)
-    resolved = resolved_config(config, devices, n_train)
+    _check_initial_checkpoint(config.initial_checkpoint)
+    train_arrays, val_ds = load_datasets(config)
+    resolved = resolved_config(config, devices, len(train_arrays[1]))
     with RunDirectory.open(
         config.resolved_run_dir,
         config.resolved_output,
@@ -320,12 +408,13 @@ def train(config):
         config.resume_keys(),
         resume=config.resume,
         defaults=settings.RESUME_DEFAULTS,
+        extend=config.extend,
     ) as run:
         if run.finished is not None:
             done = run.finished
             logger.info(
                 f"this run is complete ({done['epochs']} epochs, model -> {done['output']});"
-                " nothing to do. Pass --no-resume to train it again."
+                " nothing to do. Pass `resume=False` to train it again."
             )
             return TrainResult(model=run.load_finished_model(), logs={}, summary=done)
-        return _fit(config, devices, run, (train_ds, val_ds), resolved)
+        return _fit(config, devices, run, (train_arrays, val_ds), resolved)

@@ -2,12 +2,14 @@
 
     with RunDirectory.open(run_dir, output, settings, resume_keys, resume) as run:
         if run.finished is None:
-            model.fit(..., callbacks=[..., run.callback(steps_per_epoch, epochs)])
+            initial_epoch = run.resume(model, epochs, steps_per_epoch)
+            model.fit(..., initial_epoch=initial_epoch,
+                      callbacks=[..., run.callback(steps_per_epoch, epochs)])
             run.finish(model, history, summary)
 
-`open` locks the folder, checks it and records the settings; the callback
-restores the newest whole backup when training begins and writes one after
-every epoch; `finish` writes the model and the summary atomically and drops
+`open` locks the folder, checks it and records the settings; `resume` loads
+the newest whole backup before training; the callback writes one after every
+epoch; `finish` writes the model and the summary atomically and drops
 the backups.
 
 Rules that keep a user's work:
@@ -64,7 +66,17 @@ MANIFEST = "written.json"
 #: their backups are taken as theirs once, by name, when such a run is resumed).
 RECORD_KEY = "backups_recorded_in"
 #: What a run writes in its folder (`backup/`'s files are checked one by one).
-ENTRIES = (".lock", "config.json", "log.csv", "summary.json", "backup", "tensorboard")
+ENTRIES = (
+    ".lock",
+    "config.json",
+    "log.csv",
+    "summary.json",
+    "best.keras",
+    "backup",
+    "tensorboard",
+)
+#: What `best.keras` is chosen by: the validation top-1 of the epoch logs.
+BEST_BY = "val_top1"
 TENSORBOARD_FOLDERS = ("train", "validation")
 
 
@@ -76,7 +88,7 @@ def backup_path(backup_dir, epoch):
 def read_json(path, what):
     """A JSON object of the run directory, `None` when absent; `ConfigError` when
     damaged, naming the way out (`io.read_json_object`)."""
-    advice = "; pass --no-resume to start afresh or choose another --run-dir."
+    advice = "; pass `resume=False` to start afresh or choose another `run_dir`."
     return io.read_json_object(path, what, advice)
 
 
@@ -225,6 +237,11 @@ class RunDirectory:
         return os.path.join(self.run_dir, "summary.json")
 
     @property
+    def best_model(self):
+        """`best.keras`: the model of the epoch with the best validation top-1."""
+        return os.path.join(self.run_dir, "best.keras")
+
+    @property
     def tensorboard(self):
         return os.path.join(self.run_dir, "tensorboard")
 
@@ -235,7 +252,7 @@ class RunDirectory:
     # === open ===
     @classmethod
     @contextlib.contextmanager
-    def open(cls, run_dir, output, settings, resume_keys, resume=True, defaults=None):
+    def open(cls, run_dir, output, settings, resume_keys, resume=True, defaults=None, extend=False):
         """Holds the run directory for one run, from its checks to its end.
 
         Creates and locks the folder, checks its layout, applies
@@ -251,6 +268,9 @@ class RunDirectory:
             resume_keys: the settings a backup or a finished run must share.
             resume: resume from a backup; `False` starts afresh.
             defaults: values of settings missing from an older `config.json`.
+            extend: the run may have more epochs than recorded: a finished
+                run goes on from its model (`settings["epochs"]` must be more
+                than it has), an unfinished one from its backup.
 
         Raises:
             ConfigError: a path, a lock, a damaged or different run.
@@ -264,7 +284,7 @@ class RunDirectory:
             run._refuse_links()
             with run._lock():
                 run._prepare(resume)
-                run._check_and_record(settings, resume_keys, resume, defaults or {})
+                run._check_and_record(settings, resume_keys, resume, defaults or {}, extend)
                 yield run
         finally:
             if created:
@@ -302,14 +322,14 @@ class RunDirectory:
                 raise ConfigError(
                     f"{self.run_dir} is in use by {holder}: two runs on one run directory "
                     "would overwrite each other's backups and logs. Wait for it to finish, or "
-                    "choose another --run-dir."
+                    "choose another `run_dir`."
                 ) from None
             handle.seek(0)
             content = handle.read()
             if content and not content.startswith("train.py (pid"):
                 raise ConfigError(
                     f"{self.lock_file} is not a lock file of train.py; it is left alone. Move it "
-                    "away or choose another --run-dir."
+                    "away or choose another `run_dir`."
                 )
             handle.seek(0)
             handle.truncate()
@@ -330,7 +350,7 @@ class RunDirectory:
             raise ConfigError(
                 f"{self.run_dir} holds symbolic links where train.py writes ({', '.join(links)}); "
                 "it never writes or deletes through a link. Remove them or choose another "
-                "--run-dir."
+                "`run_dir`."
             )
 
     def _refuse_foreign_files(self):
@@ -341,7 +361,7 @@ class RunDirectory:
         if present and not self.owned():
             raise ConfigError(
                 f"{self.run_dir} holds {', '.join(present)} that train.py did not write (no "
-                f"config.json of ours); they are left alone. Choose another --run-dir, or move "
+                f"config.json of ours); they are left alone. Choose another `run_dir`, or move "
                 "them away."
             )
 
@@ -370,7 +390,7 @@ class RunDirectory:
             if wrong:
                 raise ConfigError(
                     f"{path} should be a {kind} of the run directory; move it away or choose "
-                    "another --run-dir."
+                    "another `run_dir`."
                 )
 
     def _set_aside_damaged_settings(self, resume):
@@ -406,14 +426,15 @@ class RunDirectory:
             raise ConfigError(
                 f"{self.backup} holds backups, but {self.config_json} is missing or damaged, so "
                 "they may not have been written by train.py; they are left alone. Move them away "
-                "or choose another --run-dir."
+                "or choose another `run_dir`."
             )
         remove_backups(self.backup)
         if os.path.exists(self.summary_json) and self.owned():
             os.remove(self.summary_json)
-        if os.path.exists(self.log_csv):
-            kept = _set_aside(self.log_csv, "previous")
-            logger.info(f"the previous run's log is kept as {kept}")
+        for path in (self.log_csv, self.best_model):
+            if os.path.exists(path):
+                kept = _set_aside(path, "previous")
+                logger.info(f"the previous run's {os.path.basename(path)} is kept as {kept}")
 
     def _recorded_finish(self):
         """The summary of a run recorded as finished (its model may be missing since),
@@ -439,27 +460,35 @@ class RunDirectory:
         if not os.path.exists(self.config_json):
             raise ConfigError(
                 f"{self.backup} has backups but {self.config_json} is missing, so they cannot "
-                "be checked against this run; pass --no-resume to start afresh or choose "
-                "another --run-dir."
+                "be checked against this run; pass `resume=False` to start afresh or choose "
+                "another `run_dir`."
             )
         changed = self._changed_settings(settings, keys, defaults)
         if changed:
             raise ConfigError(
                 f"{self.run_dir} holds a backup of a different run ({changed}, as "
-                "(saved, now)); pass --no-resume to start afresh or choose another --run-dir."
+                "(saved, now)); pass `resume=False` to start afresh or choose another `run_dir`."
             )
 
-    def _check_and_record(self, settings, keys, resume, defaults):
+    def _check_and_record(self, settings, keys, resume, defaults, extend=False):
+        if extend:
+            keys = [k for k in keys if k != "epochs"]
         done = self._recorded_finish() if resume else None
+        extended_from = None
         if done is not None:
             self._refuse_a_missing_model(done["output"])
             self._check_finished(done, settings, keys, defaults)
             remove_backups(self.backup)  # leftovers of a run stopped while cleaning up
-            self.finished = done
-            return
+            if not extend:
+                self.finished = done
+                return
+            self._extend(done, settings["epochs"])
+            extended_from = done["epochs"]
         if resume and backups(self.backup):
             self.check_resumable(settings, keys, defaults)
         record = {OWNER_KEY: OWNER, RECORD_KEY: f"backup/{MANIFEST}", **settings}
+        if extended_from is not None:
+            record["extended_from_epochs"] = extended_from
         text = json.dumps(record, indent=2, default=str)
         io.atomic_write_text(self.config_json, text + "\n")
 
@@ -478,16 +507,36 @@ class RunDirectory:
             raise ConfigError(
                 f"{self.run_dir} holds a finished run ({done.get('epochs')} epochs, model "
                 f"{done['output']}); this command differs in {changed} (as (recorded, now)). A "
-                "finished run is a record: choose another --run-dir, or pass --no-resume to train "
-                "again in this one (its log is kept)."
+                "finished run is a record: choose another `run_dir`, pass `extend=True` to give "
+                "it more `epochs`, or pass `resume=False` to train again in this one (its log is "
+                "kept)."
             )
+
+    def _extend(self, done, epochs):
+        """Turns the finished run `done` into an unfinished one of `epochs` epochs:
+        its model (weights and optimizer state) becomes the backup of its last
+        epoch, then its summary goes. A kill in between leaves either the
+        finished run or a run to resume: the same command goes on from either."""
+        if epochs <= done["epochs"]:
+            raise ConfigError(
+                f"`epochs={epochs}` with `extend=True`: the finished run in {self.run_dir} has "
+                f"{done['epochs']} epochs; expected more than {done['epochs']} epochs."
+            )
+        self.finished = done
+        self.write_backup(self.load_finished_model(), done["epochs"])
+        self.finished = None
+        os.remove(self.summary_json)
+        logger.info(
+            f"extending the finished run in {self.run_dir} from {done['epochs']} to {epochs} "
+            f"epochs; its learning-rate schedule is recomputed for {epochs} epochs"
+        )
 
     def _refuse_a_missing_model(self, output):
         if not os.path.isfile(output):
             raise ConfigError(
                 f"{self.run_dir} holds a finished run whose model {output} is missing; a finished "
                 "run is a record and is not trained again over it. Put the model back, choose "
-                "another --run-dir, or pass --no-resume to train again here (its log is kept)."
+                "another `run_dir`, or pass `resume=False` to train again here (its log is kept)."
             )
 
     def load_finished_model(self):
@@ -499,8 +548,8 @@ class RunDirectory:
         except Exception as err:
             raise ConfigError(
                 f"{path}, the model of the finished run in {self.run_dir}, cannot be loaded "
-                f"({type(err).__name__}: {err}); its backups are gone. Pass --no-resume to train "
-                "it again (the log is kept), or restore the file."
+                f"({type(err).__name__}: {err}); its backups are gone. Pass `resume=False` to "
+                "train it again (the log is kept), or restore the file."
             ) from None
 
     def _remove_if_unused(self):
@@ -511,9 +560,35 @@ class RunDirectory:
 
     # === during training ===
     def callback(self, steps_per_epoch, epochs, scope=contextlib.nullcontext):
-        """The Keras callback that restores when training begins and backs up
-        after every epoch (`EpochBackup`)."""
+        """The Keras callback that backs up after every epoch (`EpochBackup`)."""
         return EpochBackup(self, steps_per_epoch, epochs, scope)
+
+    def resume(self, model, epochs, steps_per_epoch, scope=contextlib.nullcontext):
+        """Before `fit`: checks the free disk space and loads the newest whole
+        backup into the compiled `model` (`restore`, inside `scope`, the
+        `tf.distribute` strategy's). Returns the completed epochs (0 without a
+        backup): give them to `fit` as `initial_epoch`, and start the data at
+        that epoch's first step, so that the run goes on as if uninterrupted."""
+        self.check_free_space(model)
+        with scope():
+            epoch = self.restore(model, epochs, steps_per_epoch)
+        if epoch is None:
+            return 0
+        logger.info(f"resuming from the backup in {self.backup}: {epoch} of {epochs} epochs done")
+        return epoch
+
+    def best_checkpoint(self):
+        """The Keras callback that keeps `best.keras` (`BestCheckpoint`)."""
+        return BestCheckpoint(self)
+
+    def best_logged(self):
+        """The best `BEST_BY` in `log.csv` (the epochs kept), `None` without one."""
+        try:
+            with open(self.log_csv, newline="") as f:
+                values = [float(r[BEST_BY]) for r in csv.DictReader(f) if r.get(BEST_BY)]
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
+        return max(values, default=None)
 
     def csv_logger(self):
         """`keras.callbacks.CSVLogger` on `log.csv`, appending, opened without
@@ -555,8 +630,8 @@ class RunDirectory:
         if candidates[0][0] > epochs or candidates[-1][0] < 0:
             raise ConfigError(
                 f"{self.backup} holds a backup after {candidates[0][0]} epochs, outside "
-                f"0..{epochs} (--epochs {epochs}); pass --epochs {candidates[0][0]} to finish "
-                "that run, or --no-resume to start afresh."
+                f"0..{epochs} (`epochs={epochs}`); pass `epochs={candidates[0][0]}` to finish "
+                "that run, or `resume=False` to start afresh."
             )
         if not model.optimizer.built:  # built already inside `fit` on JAX
             model.optimizer.build(model.trainable_variables)
@@ -572,7 +647,7 @@ class RunDirectory:
             self.truncate_log(epoch)
             return epoch
         raise ConfigError(
-            f"no backup in {self.backup} can be loaded: {'; '.join(failures)}. Pass --no-resume "
+            f"no backup in {self.backup} can be loaded: {'; '.join(failures)}. Pass `resume=False` "
             "to start afresh (the damaged backups are then removed)."
         )
 
@@ -672,26 +747,25 @@ def _load(model, path, epoch, steps_per_epoch):
 
 
 class EpochBackup(keras.callbacks.Callback):
-    """Resumes and backs up a run: the `keras.callbacks.BackupAndRestore` of a
-    `RunDirectory`.
+    """Backs up a run after every epoch: the backup half of
+    `keras.callbacks.BackupAndRestore` for a `RunDirectory` (whose `resume`,
+    called before `fit`, is the restore half).
 
-    When training begins it checks the free disk space and loads the newest
-    whole backup (weights and optimizer state), telling `fit` to start after
-    its epoch; after every epoch it writes the next backup to a temporary file
-    renamed to `backup/epoch-NNNNN.weights.h5` (NNNNN = completed epochs), so a
-    kill at any moment leaves the previous backups intact. Put it after the
-    loggers (`RunDirectory.csv_logger`, which opens the log only when an epoch
-    ends, after this callback has trimmed it to the epochs the backup holds):
-    an epoch's row is then written before its backup, so a kill between the
-    two leaves a row the next run trims, never a backup without its row.
+    After every epoch it writes the next backup (weights and optimizer state)
+    to a temporary file renamed to `backup/epoch-NNNNN.weights.h5` (NNNNN =
+    completed epochs), so a kill at any moment leaves the previous backups
+    intact. Put it after the loggers (`RunDirectory.csv_logger`, which opens
+    the log only when an epoch ends, after `resume` has trimmed it to the
+    epochs the backup holds): an epoch's row is then written before its
+    backup, so a kill between the two leaves a row the next run trims, never a
+    backup without its row.
 
     Args:
         run: the `RunDirectory`.
-        steps_per_epoch: optimizer steps per epoch (a backup is trusted only
-            when its step count matches its epoch).
+        steps_per_epoch: optimizer steps per epoch.
         epochs: the run's epochs.
-        scope: a context factory for creating the optimizer's variables (the
-            `tf.distribute` strategy's `scope`).
+        scope: a context factory for creating variables (the `tf.distribute`
+            strategy's `scope`).
     """
 
     def __init__(self, run, steps_per_epoch, epochs, scope=contextlib.nullcontext):
@@ -701,19 +775,45 @@ class EpochBackup(keras.callbacks.Callback):
         self.epochs = int(epochs)
         self.scope = scope
 
-    def on_train_begin(self, logs=None):
-        self.run.check_free_space(self.model)
-        with self.scope():
-            epoch = self.run.restore(self.model, self.epochs, self.steps_per_epoch)
-        if epoch is not None:
-            self.model._initial_epoch = epoch  # what BackupAndRestore sets for `fit`
-            logger.info(
-                f"resuming from the backup in {self.run.backup}: {epoch} of {self.epochs} "
-                "epochs done"
-            )
-
     def on_epoch_end(self, epoch, logs=None):
         self.run.write_backup(self.model, epoch + 1)
+
+
+class BestCheckpoint(keras.callbacks.Callback):
+    """Keeps the model of the epoch with the best validation top-1 as the run
+    directory's `best.keras` (`RunDirectory.best_model`), beside the last one
+    (`--output`): written through a temporary file and a rename whenever an
+    epoch's `val_top1` beats every earlier epoch's of the run (those in
+    `log.csv` included, after a resume). Epochs without validation are skipped.
+    It holds the network, without optimizer state (`evaluate.py` takes it).
+
+    Args:
+        run: the `RunDirectory`.
+    """
+
+    def __init__(self, run):
+        super().__init__()
+        self.run = run
+        self.best = None
+
+    def on_train_begin(self, logs=None):
+        self.best = self.run.best_logged()
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(BEST_BY)
+        if value is None or (self.best is not None and value <= self.best):
+            return
+        # the network alone (no optimizer state: during `fit` it holds the schedule)
+        network = keras.Model(self.model.input, self.model.output, name=self.model.name)
+        try:
+            io.save_model_atomic(network, self.run.best_model)
+        except OSError as err:
+            raise ConfigError(
+                f"could not write {self.run.best_model} ({err.strerror or err}); training "
+                "stopped, the previous backup is kept. Free some space (or fix the cause) and "
+                "re-run the same command: it resumes from the last backup."
+            ) from None
+        self.best = value
 
 
 class CSVLog(keras.callbacks.CSVLogger):
