@@ -328,6 +328,16 @@ class TrainConfig(DataConfig):
         resume=True,
     )
 
+    fuse_attention: bool = setting(
+        True,
+        "compute NAM and the BN in front of it as one layer (BatchNormNAM: the same function "
+        "and weights, less memory traffic); --no-fuse-attention builds them apart, as 0.3 did "
+        "(--attention nam only)",
+        "model",
+        action="boolean_optional",
+        resume=True,
+    )
+
     initial_checkpoint: str = setting(
         None,
         "start from the weights of this trained .keras file (fine-tuning, warm start); the "
@@ -593,6 +603,8 @@ class TrainConfig(DataConfig):
         """Settings (and derived values) a backup must share with the run resuming it:
         the `resume=True` rows, but the options of modules this run does not use."""
         unused = unused_attention_options(self.model)
+        if self.model != "nam":  # only NAM has a fused form (build_resnet's fuse_attention)
+            unused = {*unused, "fuse_attention"}
         return (*(k for k in resume_fields() if k not in unused), "num_classes", "mixing")
 
     @property
@@ -799,5 +811,7 @@ def to_dict(config):
     }
 
 
-#: What a run directory written before a setting existed used for it: the default.
-RESUME_DEFAULTS = _defaults()
+#: What a run directory written before a setting existed used for it: the default, but
+#: the NAM of runs before `fuse_attention` existed was the BN then NAMAttention (its
+#: backups hold that layout, which only `--no-fuse-attention` builds).
+RESUME_DEFAULTS = {**_defaults(), "fuse_attention": False}

@@ -10,6 +10,7 @@ import nam_keras
 from nam_keras import BatchNormNAM, NAMAttention, build_resnet
 from nam_keras.layers import batch_norm_nam
 from nam_keras.layers.normalization import batch_normalization, fused_kernels
+from nam_keras.models.resnet import weights_by_name
 
 BN_VARIABLES = ("gamma", "beta", "moving_mean", "moving_variance")
 
@@ -224,29 +225,26 @@ def test_configuration_round_trip_and_refusals():
 # ------------------------------------------------------------------ the network
 
 
-def _fused_to_unfused_path(path):
-    """`stage1_block1_nam/input_bn/gamma` -> `stage1_block1_bn2/gamma` (ResNet-18)."""
-    path = path.replace("_nam/input_bn/", "_bn2/")
-    return path.replace("_nam/channel_bn/", "_nam/channel_bn/")
-
-
 def _network_pair(rng, **kwargs):
+    """ResNet-18 fused and unfused with the same random weights, matched by
+    `weights_by_name` (the names both layouts share)."""
     settings = dict(depth=18, width=4, input_shape=(8, 8, 3), num_classes=5, **kwargs)
     fused = build_resnet(**settings)
     unfused = build_resnet(fuse_attention=False, **settings)
-    by_path = {v.path: v for v in unfused.weights}
-    assert len(by_path) == len(fused.weights)
-    for var in fused.weights:
-        value = rng.uniform(0.5, 1.5, var.shape) if "moving_variance" in var.path else None
+    by_name = weights_by_name(unfused)
+    assert sorted(by_name) == sorted(weights_by_name(fused))
+    assert "stage1_block1_bn2/moving_variance" in by_name
+    for name, var in weights_by_name(fused).items():
+        value = rng.uniform(0.5, 1.5, var.shape) if "moving_variance" in name else None
         value = rng.normal(size=var.shape) * 0.3 if value is None else value
         var.assign(value.astype("float32"))
-        by_path[_fused_to_unfused_path(var.path)].assign(value.astype("float32"))
+        by_name[name].assign(value.astype("float32"))
     return fused, unfused
 
 
 def test_the_fused_network_computes_the_unfused_one(rng):
     """ResNet-18 with and without the fusion, the same weights: the same
-    logits in inference and training, and the same gradients."""
+    logits in inference and training (the gradients: the layer tests above)."""
     fused, unfused = _network_pair(rng)
     assert [type(layer).__name__ for layer in nam_keras.nam_layers(fused)] == ["BatchNormNAM"] * 8
     x = rng.uniform(0, 255, (4, 8, 8, 3)).astype("float32")
@@ -273,3 +271,17 @@ def test_where_the_fusion_does_not_apply_the_network_keeps_two_layers():
     assert spatial.get_layer("stage1_block1_bn2")
     se = build_resnet(depth=18, width=4, attention="se")
     assert se.get_layer("stage1_block1_bn2")
+
+
+@pytest.mark.tensorflow_only
+def test_a_model_of_the_unfused_layout_warm_starts_the_fused_one(rng, tmp_path):
+    """`--initial-checkpoint` with a .keras file of version 0.3's layout (the BN,
+    then NAMAttention) fills the fused network, which then computes the same."""
+    from nam_keras.training.experiment import warm_start
+
+    _, unfused = _network_pair(rng)
+    unfused.save(tmp_path / "old.keras")
+    fresh = build_resnet(depth=18, width=4, input_shape=(8, 8, 3), num_classes=5)
+    warm_start(fresh, tmp_path / "old.keras")
+    x = rng.uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    np.testing.assert_allclose(fresh(x, training=False), unfused(x, training=False), atol=1e-5)

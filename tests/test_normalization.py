@@ -172,3 +172,20 @@ def test_config_round_trip_keeps_fused():
     clone = FusedBatchNormalization.from_config(bn.get_config())
     assert clone.fused is False and clone.epsilon == 1e-5
     assert set(keras.layers.BatchNormalization().get_config()) | {"fused"} == set(bn.get_config())
+
+
+def test_batch_statistics_keep_their_precision_for_a_large_mean(rng, gradients):
+    """Mean 50, spread 0.05 (mean / std = 1000): the one-pass statistics of the
+    fast paths (JAX's hand-written gradient, BatchNormNAM) against NumPy's."""
+    from nam_keras.layers.normalization import moments
+
+    x = (50.0 + 0.05 * rng.normal(size=(8, 6, 6, 4))).astype("float32")
+    mean, var = (keras.ops.convert_to_numpy(t) for t in moments(keras.ops.convert_to_tensor(x)))
+    x64 = x.astype("float64")
+    np.testing.assert_allclose(mean, x64.mean((0, 1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(var, x64.var((0, 1, 2)), rtol=1e-3)
+    bn = FusedBatchNormalization(epsilon=1e-5, momentum=0.0)
+    bn.build(x.shape)
+    out = gradients(lambda t: bn(t, training=True), x, [bn.gamma, bn.beta])[0]
+    want = (x64 - x64.mean((0, 1, 2))) / np.sqrt(x64.var((0, 1, 2)) + 1e-5)
+    np.testing.assert_allclose(out, want, atol=2e-3)

@@ -14,9 +14,13 @@ value `xhat`, and the whole block end is
     out  = sigmoid(z) * y
 
 one element-wise pass forward. Its gradient is written by hand
-(`keras.ops.custom_gradient`, on JAX and TensorFlow): one pass reads the
-upstream gradient and `x` and produces the four per-channel sums the gradient
-needs, stacked into one reduction; a second pass writes the input gradient.
+(`normalization.with_gradient`: `jax.custom_vjp` on JAX, which also means no
+forward-mode differentiation there; `keras.ops.custom_gradient` on
+TensorFlow): one pass reads the upstream gradient and `x` and produces the
+four per-channel sums the gradient needs, in one reduction; a second pass
+writes the input gradient. On TensorFlow in float32 the first BN is the fused
+kernel instead, NAM an affine of its output, and the gradient TensorFlow's.
+PyTorch leaves the same closed form to autodiff.
 That is what a plain BatchNormalization costs, so NAM's own cost nearly
 vanishes. It is the same function as BN3 then `NAMAttention`, so it has the
 same gradients; the tests hold it to the unfused layers.
@@ -237,7 +241,8 @@ class BatchNormNAM(NAMAttention):
     Precision: the BNs, the gate and the product are computed in float32
     (float64 in a float64 layer) from the input, whatever the policy, and
     the result is rounded once, to the output dtype. The first BN's output
-    is never rounded to 16 bits, so that rounding falls anywhere between two
+    is not rounded to 16 bits (it is on the fallback path of two layers), so
+    that rounding falls anywhere between two
     bfloat16 values and keeps NAM's small modulation (0.5 + ~1e-4 at
     initialisation) on average, as a dither, where `NAMAttention` after a
     bfloat16 BN output would round it away (the tests measure both). So

@@ -64,11 +64,16 @@ def recomputed(*tensors):
 
 def moments(x):
     """Per-channel batch mean and biased variance of a channels-last `x`, in
-    one pass (the sums of `x` and `x**2`)."""
+    one pass: the sums of `x - k` and `(x - k)**2`, with `k` the first pixel
+    of each channel. Shifted by a value of the same channel, the variance
+    keeps its precision when the mean is large against the spread (unshifted,
+    `E[x**2] - mean**2` in float32 loses it all from about mean / std = 100)."""
     n = ops.cast(ops.prod(ops.shape(x)[:-1]), x.dtype)
-    total, squares = channel_sums(x, ops.square(x))
-    mean = total / n
-    return mean, ops.maximum(squares / n - ops.square(mean), 0.0)
+    shift = ops.stop_gradient(ops.reshape(x, (-1, ops.shape(x)[-1]))[0])
+    shifted = x - shift
+    total, squares = channel_sums(shifted, ops.square(shifted))
+    offset = total / n
+    return shift + offset, ops.maximum(squares / n - ops.square(offset), 0.0)
 
 
 def update_moving_statistics(bn, mean, variance):

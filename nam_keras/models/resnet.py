@@ -260,7 +260,8 @@ def fused_attention_settings(attention, attention_kwargs, dtype, sync_bn):
     kwargs = dict(attention_kwargs or {})
     if fused is None or not fused.accepts(kwargs):
         return None
-    return lambda name: fused(name=name, dtype=dtype, synchronized=sync_bn, **kwargs)
+    options = {"synchronized": sync_bn, **kwargs}
+    return lambda name: fused(name=name, dtype=dtype, **options)
 
 
 def build_resnet(
@@ -317,7 +318,12 @@ def build_resnet(
             and variables, a fraction of the memory traffic). `False` builds
             the two layers one after the other (`stage1_block1_bn3`, then
             `stage1_block1_nam`): the reference the fused form is tested
-            against. Defaults to `True`.
+            against. One difference under a mixed policy: the fused layer
+            returns the compute dtype (its gate is float32 from an unrounded
+            BN output), `NAMAttention` float32 (`float32_gate`); pass
+            `attention_kwargs={"float32_gate": True}` for a float32 stream
+            after the fused one too. `weights_by_name` matches the weights of
+            the two layouts. Defaults to `True`.
         name: model name; defaults to e.g. `"resnet50_nam"`.
 
     Returns:
@@ -368,6 +374,33 @@ def build_resnet(
         dtype="float32",
     )(x)
     return keras.Model(inputs, outputs, name=name or f"resnet{depth}_{tag}")
+
+
+def weights_by_name(model):
+    """The model's weights keyed by a name that both layouts of a block end
+    share: `stage1_block1_bn3/gamma` is the first BN's gamma whether the block
+    has a `stage1_block1_bn3` layer (`fuse_attention=False`, or a file of
+    version 0.3) or a fused `stage1_block1_nam` holding it as `input_bn`; every
+    other weight is keyed by its path.
+
+    Args:
+        model: a `keras.Model` from `build_resnet`.
+
+    Returns:
+        A dict from those names to the model's variables, in the model's order.
+    """
+    names = {layer.name for layer in model.layers}
+    out = {}
+    for layer in model.layers:
+        fused = getattr(layer, "input_bn", None)
+        for var in layer.weights:
+            key = var.path
+            if fused is not None and key.startswith(f"{layer.name}/{fused.name}/"):
+                block = layer.name.rsplit("_", 1)[0]
+                bn = "bn3" if f"{block}_conv3" in names else "bn2"
+                key = f"{block}_{bn}/{var.name}"
+            out[key] = var
+    return out
 
 
 def nam_layers(model):

@@ -25,7 +25,7 @@ from nam_keras import cifar100, cli
 from nam_keras import config as settings
 from nam_keras.data import pipeline, sources
 from nam_keras.errors import ConfigError
-from nam_keras.models.resnet import build_resnet, forward_multiply_adds
+from nam_keras.models.resnet import build_resnet, forward_multiply_adds, weights_by_name
 from nam_keras.training import callbacks, distribute, schedules
 from nam_keras.training.optimizers import TorchSGD
 from nam_keras.training.run_directory import RunDirectory
@@ -159,6 +159,7 @@ def build_and_compile(config, devices):
             sync_bn=devices.sync_bn,
             attention_kwargs=config.attention_kwargs or None,
             dtype=devices.precision,
+            fuse_attention=config.fuse_attention,
         )
         model = CrossEntropyModel.wrap(network)  # `loss` is the cross-entropy (trainer.py)
         optimizer = TorchSGD(
@@ -208,8 +209,10 @@ def warm_start(model, path):
             f"`initial_checkpoint={path}` cannot be loaded ({type(err).__name__}: {err}); "
             "expected a .keras file written by train.py."
         ) from None
-    want = [(w.path, tuple(w.shape)) for w in model.weights]
-    got = [(w.path, tuple(w.shape)) for w in trained.weights]
+    # by name, so that a file whose NAM is fused differently (0.3's BN, then NAM) loads too
+    targets, sources = weights_by_name(model), weights_by_name(trained)
+    want = sorted((name, tuple(w.shape)) for name, w in targets.items())
+    got = sorted((name, tuple(w.shape)) for name, w in sources.items())
     if want != got:
         diff = next(((g, w) for g, w in zip(got, want) if g != w), (len(got), len(want)))
         raise ConfigError(
@@ -218,7 +221,8 @@ def warm_start(model, path):
             f"run): {diff}. Expected a model with the same `model`, `depth`, `width` and "
             "`stem`."
         )
-    model.set_weights(trained.get_weights())
+    for name, var in targets.items():
+        var.assign(sources[name])
     logger.info(f"starting from the weights of {path} ({trained.name}); the optimizer is fresh")
 
 
