@@ -18,9 +18,8 @@ one element-wise pass forward. Its gradient is written by hand
 forward-mode differentiation there; `keras.ops.custom_gradient` on
 TensorFlow): one pass reads the upstream gradient and `x` and produces the
 four per-channel sums the gradient needs, in one reduction; a second pass
-writes the input gradient. On TensorFlow in float32 the first BN is the fused
-kernel instead, NAM an affine of its output, and the gradient TensorFlow's.
-PyTorch leaves the same closed form to autodiff.
+writes the input gradient. PyTorch leaves the same closed form to autodiff;
+TensorFlow takes it only for 16-bit training steps (see `BatchNormNAM`).
 That is what a plain BatchNormalization costs, so NAM's own cost nearly
 vanishes. It is the same function as BN3 then `NAMAttention`, so it has the
 same gradients; the tests hold it to the unfused layers.
@@ -162,51 +161,6 @@ def bn_nam_training(x, gamma3, beta3, k, d, eps3=BN_EPSILON, eps_nam=BN_EPSILON,
     return _training_closed_form(x, gamma3, beta3, k, d, eps3, eps_nam)
 
 
-def bn_nam_training_tf_kernel(x, gamma3, beta3, k, d, eps3=BN_EPSILON, eps_nam=BN_EPSILON):
-    """`bn_nam_training` on TensorFlow's fused BN kernel: BN3 is one
-    `FusedBatchNormV3` (which returns its batch statistics), NAM a per-channel
-    affine of its output, `z = k * s * (y - beta3) + d` with `s = 1 /
-    sqrt(var_y + eps_nam)`, and the gradient is TensorFlow's. The kernel's
-    gradient ignores its batch variance output, so the one path autodiff would
-    miss, `v -> s -> out`, is added by `_variance_with_gradient`."""
-    import tensorflow as tf
-
-    empty = tf.constant([], "float32")
-    y, mean, unbiased = tf.raw_ops.FusedBatchNormV3(
-        x=x,
-        scale=gamma3,
-        offset=beta3,
-        mean=empty,
-        variance=empty,
-        epsilon=eps3,
-        data_format="NHWC",
-        is_training=True,
-    )[:3]
-    n = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), "float32")
-    v = _variance_with_gradient(x, mean, unbiased * ((n - 1.0) / tf.maximum(n, 1.0)))
-    _, var_y, s = _nam_scale(v, gamma3, k, eps3, eps_nam)
-    y = tf.cast(y, "float32")
-    out = tf.sigmoid(k * s * (y - beta3) + d) * y
-    return out, tf.stop_gradient(mean), tf.stop_gradient(v), tf.stop_gradient(var_y)
-
-
-def _variance_with_gradient(x, mean, v):
-    """`v`, the biased batch variance of `x`, with its gradient to `x`
-    (`2 (x - mean) / n` per element): TensorFlow's BN kernel gives none."""
-    import tensorflow as tf
-
-    @tf.custom_gradient
-    def variance(x, v):
-        def grad(dv):
-            n = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), "float32")
-            dx = (tf.cast(x, "float32") - mean) * (2.0 * dv / n)
-            return tf.cast(dx, x.dtype), None
-
-        return tf.identity(v), grad
-
-    return variance(x, v)
-
-
 def bn_nam_inference(x, bn3_stats, nam_stats, gamma3, beta3, k, d, eps3, eps_nam):
     """BN3 then channel NAM with the moving statistics: `sigmoid(p * x + q) *
     (a * x + b)` with per-channel `a, b, p, q` folded from both BNs."""
@@ -235,8 +189,10 @@ class BatchNormNAM(NAMAttention):
     into one affine. `build_resnet` uses it for the last BN and the NAM of
     every block (`fuse_attention=True`, the default).
 
-    Where the fused form does not apply (`synchronized=True` on TensorFlow,
-    a frozen BN in training) it calls its two layers one after the other.
+    Where the fused form does not apply (a frozen BN in training) or does
+    not pay (TensorFlow, whose fused BN kernel is faster without XLA, but
+    for a 16-bit training step, where the fused form keeps the modulation)
+    it calls its two layers one after the other: the same function.
 
     Precision: the BNs, the gate and the product are computed in float32
     (float64 in a float64 layer) from the input, whatever the policy, and
@@ -297,9 +253,17 @@ class BatchNormNAM(NAMAttention):
         return "float64" if self.compute_dtype == "float64" else "float32"
 
     def _fusable(self, training):
-        tf_sync = self.synchronized and keras.backend.backend() == "tensorflow"
-        frozen = training and not (self.input_bn.trainable and self.channel_bn.trainable)
-        return not tf_sync and not frozen
+        """Whether `call` takes the fused form. On TensorFlow (no XLA) its two fused
+        BN kernels run faster than any fused form measured (docs/performance.md):
+        there it is taken only where it changes the result, a 16-bit training step
+        (the BN output unrounded)."""
+        if keras.backend.backend() == "tensorflow":
+            sixteen_bit = self.compute_dtype in ("float16", "bfloat16")
+            return bool(training) and sixteen_bit and not self.synchronized and self._trains()
+        return not training or self._trains()
+
+    def _trains(self):
+        return self.input_bn.trainable and self.channel_bn.trainable
 
     def call(self, inputs, training=None):
         if not self._fusable(training):
@@ -314,10 +278,7 @@ class BatchNormNAM(NAMAttention):
         k = w * ops.cast(nam.gamma, dtype)
         d = w * ops.cast(nam.beta, dtype)
         if training:
-            # the kernel's BN output is rounded to a 16-bit compute dtype: float32 only
-            kernel = self.compute_dtype == "float32" and bn3._uses_fused_kernel(x, None)
-            train = bn_nam_training_tf_kernel if kernel else bn_nam_training
-            out, mean, v, var_y = train(x, gamma3, beta3, k, d, bn3.epsilon, nam.epsilon)
+            out, mean, v, var_y = bn_nam_training(x, gamma3, beta3, k, d, bn3.epsilon, nam.epsilon)
             update_moving_statistics(bn3, mean, v)
             update_moving_statistics(nam, ops.stop_gradient(beta3), var_y)
         else:
