@@ -28,7 +28,7 @@ class _NoTensorFlow:
 sys.meta_path.insert(0, _NoTensorFlow())
 """
 
-# Writes a NAM ResNet (pixel attention too) and a BAM one (convolutions, dense
+# Writes a NAM ResNet (BatchNormNAM in every block) and a BAM one (convolutions, dense
 # layers and BNs of its own), their BN variables (moving statistics included) set
 # away from their initial values, with their predictions on fixed images. No fit:
 # compiling costs more than the check. Every registered module's .keras file is
@@ -37,7 +37,7 @@ WRITE = """
 import keras, numpy as np, nam_keras
 rng = np.random.default_rng(0)
 x = rng.uniform(0, 255, (4, 16, 16, 3)).astype("float32")
-for kind, kwargs in [("nam", {"spatial": True}), ("bam", None)]:
+for kind, kwargs in [("nam", None), ("bam", None)]:
     model = nam_keras.build_resnet(
         depth=18, width=4, input_shape=(16, 16, 3), attention=kind, attention_kwargs=kwargs
     )

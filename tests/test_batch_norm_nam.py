@@ -255,6 +255,7 @@ def test_the_fused_network_computes_the_unfused_one(rng):
     assert keras.utils.get_registered_name(BatchNormNAM) == "nam_keras>BatchNormNAM"
 
 
+@pytest.mark.backend_independent  # the layout: the same on every backend
 def test_a_saved_fused_network_loads_and_predicts_the_same(rng, tmp_path):
     fused, _ = _network_pair(rng)
     path = tmp_path / "fused.keras"
@@ -265,6 +266,7 @@ def test_a_saved_fused_network_loads_and_predicts_the_same(rng, tmp_path):
     assert type(loaded.get_layer("stage2_block1_nam")) is BatchNormNAM
 
 
+@pytest.mark.backend_independent  # the layout: the same on every backend
 def test_where_the_fusion_does_not_apply_the_network_keeps_two_layers():
     spatial = build_resnet(depth=18, width=4, attention_kwargs={"spatial": True})
     assert type(spatial.get_layer("stage1_block1_nam")) is NAMAttention
