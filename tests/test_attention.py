@@ -353,6 +353,7 @@ def test_mixed_precision_keeps_the_modulation_at_initialisation(rng, policy):
         assert not np.any(rounded)
 
 
+@pytest.mark.backend_independent  # the layout and dtypes: the same on every backend
 def test_float32_gate_keeps_the_residual_stream_float32_in_the_network():
     """NAMAttention after a BN (`fuse_attention=False`) returns float32 by
     default, and the addition, ReLU and pooling after it stay float32. The

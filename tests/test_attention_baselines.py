@@ -150,6 +150,7 @@ def test_resnet50_parameter_counts_by_hand():
     assert build_resnet(attention="bam").count_params() == BASELINE_RESNET50 + bam == 24_117_335
 
 
+@pytest.mark.backend_independent  # the layout and dtypes: the same on every backend
 def test_bam_sits_between_stages_and_the_others_in_blocks():
     names = lambda model, cls: [x.name for x in model.layers if isinstance(x, cls)]
     bam = build_resnet(depth=18, width=16, attention="bam")

@@ -69,6 +69,7 @@ def test_all_depths_build_with_right_shapes(depth, blocks):
     assert model.get_layer("avg_pool").input.shape == (None, 4, 4, 64 * expansion)
 
 
+@pytest.mark.backend_independent  # the layout and dtypes: the same on every backend
 def test_layer_names_are_readable_and_unique():
     model = build_resnet(depth=50, width=8)
     names = [layer.name for layer in model.layers]
@@ -85,6 +86,7 @@ def test_layer_names_are_readable_and_unique():
         model.get_layer("stage4_block4_nam")
 
 
+@pytest.mark.backend_independent  # the layout and dtypes: the same on every backend
 def test_nam_is_after_last_bn_and_before_add():
     unfused = build_resnet(depth=50, width=8, fuse_attention=False)
     nam = unfused.get_layer("stage3_block2_nam")
