@@ -220,6 +220,10 @@ def test_configuration_round_trip_and_refusals():
     assert isinstance(clone, NAMAttention) and not clone.float32_gate
     with pytest.raises(ValueError, match="channel NAM only"):
         BatchNormNAM(spatial=True)
+    with pytest.raises(ValueError, match=r"`input_momentum` must be in \[0, 1\); received 1.0"):
+        BatchNormNAM(input_momentum=1.0)
+    with pytest.raises(ValueError, match="`input_epsilon` must be > 0; received 0"):
+        BatchNormNAM(input_epsilon=0)
 
 
 # ------------------------------------------------------------------ the network

@@ -60,6 +60,10 @@ def register_batch_norm_fusion(name):
     """
 
     def decorator(cls):
+        if name in BATCH_NORM_FUSIONS and BATCH_NORM_FUSIONS[name] is not cls:
+            raise ValueError(
+                f"attention {name!r} already has a fusion with BN: {BATCH_NORM_FUSIONS[name]!r}."
+            )
         BATCH_NORM_FUSIONS[name] = cls
         return cls
 

@@ -233,6 +233,10 @@ class BatchNormNAM(NAMAttention):
                 "(use BatchNormalization then NAMAttention)."
             )
         super().__init__(float32_gate=float32_gate, **kwargs)
+        if not 0.0 <= float(input_momentum) < 1.0:
+            raise ValueError(f"`input_momentum` must be in [0, 1); received {input_momentum!r}.")
+        if not float(input_epsilon) > 0.0:
+            raise ValueError(f"`input_epsilon` must be > 0; received {input_epsilon!r}.")
         self.input_epsilon = float(input_epsilon)
         self.input_momentum = float(input_momentum)
         self.input_bn = batch_normalization(
