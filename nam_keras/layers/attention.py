@@ -10,7 +10,12 @@ no module is special.
 import keras
 from keras import ops
 
-from nam_keras.layers.normalization import BN_EPSILON, BN_MOMENTUM, batch_normalization
+from nam_keras.layers.normalization import (
+    BN_EPSILON,
+    BN_MOMENTUM,
+    batch_normalization,
+    checked_bn_settings,
+)
 
 # Guard for sum |gamma| = 0: then every |gamma_c| is 0 too and the weights are 0.
 _TINY = 1e-12
@@ -189,16 +194,11 @@ class NAMAttention(keras.layers.Layer):
                 "`sparsity` must be a number >= 0 (0 disables the penalty); "
                 f"received sparsity={sparsity!r}."
             )
-        if not 0.0 <= float(momentum) < 1.0:
-            raise ValueError(f"`momentum` must be in [0, 1); received {momentum!r}.")
-        if not float(epsilon) > 0.0:
-            raise ValueError(f"`epsilon` must be > 0; received {epsilon!r}.")
+        self.epsilon, self.momentum = checked_bn_settings(epsilon, momentum)
         self.channel = bool(channel)
         self.spatial = bool(spatial)
         self.sparsity = sparsity
         self.stop_gradient = bool(stop_gradient)
-        self.epsilon = float(epsilon)
-        self.momentum = float(momentum)
         self.synchronized = bool(synchronized)
         self.float32_gate = bool(float32_gate)
 
@@ -252,6 +252,17 @@ class NAMAttention(keras.layers.Layer):
         g = ops.abs(ops.cast(gamma, dtype))
         return g / ops.maximum(ops.sum(g), _TINY)
 
+    def _gate_weights(self, bn):
+        """The weights `w` of `bn`'s features as the gate uses them: detached
+        from the gradient where `stop_gradient`."""
+        w = self._weights_from(bn.gamma)
+        return ops.stop_gradient(w) if self.stop_gradient else w
+
+    def _add_penalty(self, penalty):
+        """Adds `sparsity * penalty` (the L1 sum of the scale factors) as a layer loss."""
+        if self.sparsity > 0.0:
+            self.add_loss(ops.multiply(ops.cast(self.sparsity, "float32"), penalty))
+
     def attention_weights(self):
         """Current NAM weights as NumPy arrays, keyed `"channel"`/`"spatial"`."""
         out = {}
@@ -269,9 +280,7 @@ class NAMAttention(keras.layers.Layer):
         and its gradient cost one kernel each way; elsewhere it is the plain
         formula `w * bn(x)`.
         """
-        w = self._weights_from(bn.gamma)
-        if self.stop_gradient:
-            w = ops.stop_gradient(w)
+        w = self._gate_weights(bn)
         rank = len(x.shape)
         if bn.axis % rank != rank - 1:
             w = ops.expand_dims(w, -1)  # pixel BN: (H*W, 1) against (N, H*W, C)
@@ -307,8 +316,7 @@ class NAMAttention(keras.layers.Layer):
             x = ops.reshape(self._gate(flat, self.spatial_bn, training), (-1, h, w, c))
             l1 = self._l1(self.spatial_bn.gamma)
             penalty = l1 if penalty is None else penalty + l1
-        if self.sparsity > 0.0:
-            self.add_loss(ops.multiply(ops.cast(self.sparsity, "float32"), penalty))
+        self._add_penalty(penalty)
         return x
 
     def multiply_adds(self, input_shape):

@@ -37,6 +37,7 @@ from nam_keras.layers.normalization import (
     BN_MOMENTUM,
     batch_normalization,
     channel_sums,
+    checked_bn_settings,
     moments,
     recomputed,
     update_moving_statistics,
@@ -57,21 +58,34 @@ def _nam_scale(v, gamma3, k, eps3, eps_nam):
     return k * gamma3 * s, var_y, s
 
 
-def _gated(xhat, gamma3, beta3, c, d):
-    """`sigmoid(c * xhat + d) * (gamma3 * xhat + beta3)` and its two factors."""
-    y = gamma3 * xhat + beta3
-    gate = ops.sigmoid(c * xhat + d)
-    return gate * y, gate, y
+def _gate_and_bn_output(xhat, gamma3, beta3, c, d):
+    """The two factors of the block end `out = gate * y`: `gate = sigmoid(c *
+    xhat + d)` and BN3's output `y = gamma3 * xhat + beta3`."""
+    return ops.sigmoid(c * xhat + d), gamma3 * xhat + beta3
+
+
+def _affine_gated(x, a, b, p, q):
+    """`sigmoid(p * x + q) * (a * x + b)`: the block end on per-channel
+    coefficients of `x` (computed first: one small pass), in the dtype of `a`."""
+    x = ops.cast(x, a.dtype)
+    return ops.sigmoid(p * x + q) * (a * x + b)
+
+
+def _training_forward(x, gamma3, beta3, k, d, eps3, eps_nam):
+    """`(out, (mean, v, var_y), (inv, c, s))`: the block end with batch
+    statistics, the statistics, and the per-channel figures of the gradient."""
+    mean, v = moments(ops.cast(x, gamma3.dtype))
+    inv = ops.rsqrt(v + eps3)
+    c, var_y, s = _nam_scale(v, gamma3, k, eps3, eps_nam)
+    a, p = gamma3 * inv, c * inv
+    out = _affine_gated(x, a, beta3 - a * mean, p, d - p * mean)
+    return out, (mean, v, var_y), (inv, c, s)
 
 
 def _training_closed_form(x, gamma3, beta3, k, d, eps3, eps_nam):
     """The block end in training, left to autodiff: `(out, mean, v, var_y)`."""
-    x = ops.cast(x, gamma3.dtype)
-    mean, v = moments(x)
-    inv = ops.rsqrt(v + eps3)
-    c, var_y, _ = _nam_scale(v, gamma3, k, eps3, eps_nam)
-    out, _, _ = _gated((x - mean) * inv, gamma3, beta3, c, d)
-    return out, ops.stop_gradient(mean), ops.stop_gradient(v), ops.stop_gradient(var_y)
+    out, statistics, _ = _training_forward(x, gamma3, beta3, k, d, eps3, eps_nam)
+    return (out, *(ops.stop_gradient(t) for t in statistics))
 
 
 def _training_custom_gradient(eps3, eps_nam):
@@ -79,13 +93,9 @@ def _training_custom_gradient(eps3, eps_nam):
     gradient (the statistics are for the moving averages: no gradient)."""
 
     def forward(x, gamma3, beta3, k, d):
-        xf = ops.cast(x, gamma3.dtype)
-        mean, v = moments(xf)
-        inv = ops.rsqrt(v + eps3)
-        c, var_y, s = _nam_scale(v, gamma3, k, eps3, eps_nam)
-        # per-channel coefficients of x first: one small element-wise pass
-        a, p = gamma3 * inv, c * inv
-        out = ops.sigmoid(p * xf + (d - p * mean)) * (a * xf + (beta3 - a * mean))
+        out, (mean, v, var_y), (inv, c, s) = _training_forward(
+            x, gamma3, beta3, k, d, eps3, eps_nam
+        )
         residuals = (x, mean, inv, v, gamma3, beta3, k, c, d, s)
         return (out, mean, v, var_y), residuals
 
@@ -101,7 +111,7 @@ def _backward(g, x, mean, inv, v, gamma3, beta3, k, c, d, s, eps3, eps_nam):
 
     With `t = g * gate` and `u = g * gate * (1 - gate) * y`, the four sums
     `S_a = sum t*xhat`, `S_b = sum t`, `S_c = sum u*xhat`, `S_d = sum u` over
-    the batch and pixels (one stacked reduction) give every per-channel
+    the batch and pixels (one variadic reduction) give every per-channel
     gradient; `dxhat = gamma3 * t + c * u`, and the input gradient is the
     BatchNormalization backward of `dxhat` plus the path through `v` in `c`.
     """
@@ -110,7 +120,7 @@ def _backward(g, x, mean, inv, v, gamma3, beta3, k, c, d, s, eps3, eps_nam):
 
     def terms(g, x):
         xhat = (ops.cast(x, dtype) - mean) * inv
-        _, gate, y = _gated(xhat, gamma3, beta3, c, d)
+        gate, y = _gate_and_bn_output(xhat, gamma3, beta3, c, d)
         t = ops.cast(g, dtype) * gate
         return xhat, t, t * (1.0 - gate) * y
 
@@ -169,10 +179,7 @@ def bn_nam_inference(x, bn3_stats, nam_stats, gamma3, beta3, k, d, eps3, eps_nam
     a = gamma3 * ops.rsqrt(var3 + eps3)
     b = beta3 - a * mean3
     scale_n = k * ops.rsqrt(var_n + eps_nam)
-    p = scale_n * a
-    q = scale_n * (b - mean_n) + d
-    x = ops.cast(x, a.dtype)
-    return ops.sigmoid(p * x + q) * (a * x + b)
+    return _affine_gated(x, a, b, scale_n * a, scale_n * (b - mean_n) + d)
 
 
 @register_batch_norm_fusion("nam")
@@ -233,12 +240,9 @@ class BatchNormNAM(NAMAttention):
                 "(use BatchNormalization then NAMAttention)."
             )
         super().__init__(float32_gate=float32_gate, **kwargs)
-        if not 0.0 <= float(input_momentum) < 1.0:
-            raise ValueError(f"`input_momentum` must be in [0, 1); received {input_momentum!r}.")
-        if not float(input_epsilon) > 0.0:
-            raise ValueError(f"`input_epsilon` must be > 0; received {input_epsilon!r}.")
-        self.input_epsilon = float(input_epsilon)
-        self.input_momentum = float(input_momentum)
+        self.input_epsilon, self.input_momentum = checked_bn_settings(
+            input_epsilon, input_momentum, prefix="input_"
+        )
         self.input_bn = batch_normalization(
             "input_bn",
             synchronized=self.synchronized,
@@ -276,9 +280,7 @@ class BatchNormNAM(NAMAttention):
         x = ops.cast(inputs, self.compute_dtype)
         bn3, nam = self.input_bn, self.channel_bn
         gamma3, beta3 = ops.cast(bn3.gamma, dtype), ops.cast(bn3.beta, dtype)
-        w = self._weights_from(nam.gamma)
-        if self.stop_gradient:
-            w = ops.stop_gradient(w)
+        w = self._gate_weights(nam)
         k = w * ops.cast(nam.gamma, dtype)
         d = w * ops.cast(nam.beta, dtype)
         if training:
@@ -297,9 +299,7 @@ class BatchNormNAM(NAMAttention):
                 bn3.epsilon,
                 nam.epsilon,
             )
-        if self.sparsity > 0.0:
-            penalty = self._l1(nam.gamma)
-            self.add_loss(ops.multiply(ops.cast(self.sparsity, "float32"), penalty))
+        self._add_penalty(self._l1(nam.gamma))
         return ops.cast(out, self.gate_dtype)
 
     def get_config(self):

@@ -35,6 +35,17 @@ def fused_kernels(enabled):
         _default_fused.pop()
 
 
+def checked_bn_settings(epsilon, momentum, prefix=""):
+    """`(float(epsilon), float(momentum))` of a BatchNormalization, or a
+    `ValueError` naming the argument (`prefix` + `epsilon`/`momentum`) and what
+    it received."""
+    if not 0.0 <= float(momentum) < 1.0:
+        raise ValueError(f"`{prefix}momentum` must be in [0, 1); received {momentum!r}.")
+    if not float(epsilon) > 0.0:
+        raise ValueError(f"`{prefix}epsilon` must be > 0; received {epsilon!r}.")
+    return float(epsilon), float(momentum)
+
+
 def channel_sums(*terms):
     """Per-channel sums over every axis but the last of each channels-last term.
 
@@ -127,11 +138,11 @@ def with_gradient(forward, backward):
 
 def _normalize_forward(epsilon):
     def forward(x, gamma, beta):
-        dtype = gamma.dtype
-        mean, var = moments(ops.cast(x, dtype))
+        xf = ops.cast(x, gamma.dtype)
+        mean, var = moments(xf)
         inv = ops.rsqrt(var + epsilon)
         scale = inv * gamma  # per-channel coefficients of x first: one small pass
-        y = ops.cast(ops.cast(x, dtype) * scale + (beta - scale * mean), x.dtype)
+        y = ops.cast(xf * scale + (beta - scale * mean), x.dtype)
         return (y, mean, var), (x, gamma, mean, inv)
 
     return forward
