@@ -30,7 +30,7 @@ def build_parser():
 def main(argv=None):
     """`train.py` with `argv` (default `sys.argv[1:]`); returns the exit code."""
     config = cli.parse_config(TrainConfig, argv, PROG, __doc__.split("\n\n")[0])
-    cli.start_quietly()
+    cli.start_quietly(config.cpu_replicas)
     from nam_keras.training.experiment import train
 
     return cli.run_main(PROG, train, config)

@@ -37,13 +37,15 @@ EXIT_CODES = {
 LOGGER_NAME = "nam_keras"
 
 
-def start_quietly():
-    """Asks the Keras backend for its devices inside `console.quiet_startup`, so
+def start_quietly(cpu_replicas=0):
+    """Starts the Keras backend's devices inside `console.quiet_startup`, so
     that CUDA's probing noise is dropped before the first message of ours
-    (`import nam_keras` drops TensorFlow's import noise for the command lines)."""
+    (`import nam_keras` drops TensorFlow's import noise for the command lines).
+    On JAX `cpu_replicas` > 1 asks for that many CPU devices (`--cpu-replicas`)."""
     from nam_keras.training import distribute
 
     with quiet_startup(enabled=os.environ.get(QUIET_START) == "1"):
+        distribute.start_devices(cpu_replicas)
         distribute.accelerators()
 
 

@@ -25,6 +25,8 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 MODELS = ("nam", "se", "cbam", "bam", "baseline")
 SCHEDULES = ("warmup-cosine", "epoch-cosine", "multistep")
 AUGMENTATIONS = ("reference", "crop-flip", "none")
+#: Where training batches are made (`--input`); `auto` is resolved by `train.py`.
+INPUTS = ("auto", "host", "device")
 #: Settings that are arguments of one attention module: module -> {setting: its
 #: argument}. They apply to that module only: given with another, they are refused,
 #: and they are resume keys only for the runs that use them.
@@ -482,6 +484,15 @@ class TrainConfig(DataConfig):
     jit_compile: str = setting(
         "auto", "XLA; auto: on for GPUs, off for CPUs", "devices", choices=("auto", "on", "off")
     )
+    input: str = setting(
+        "auto",
+        "where training batches are made: host = tf.data on the CPU; device = uint8 "
+        "batches augmented on the accelerator inside the compiled train step (no "
+        "TensorFlow needed); auto: device when TensorFlow is not installed, else host",
+        "devices",
+        choices=INPUTS,
+        resume=True,
+    )
     sync_bn: bool = setting(
         None,
         "BN batch statistics over all replicas (default: on with several replicas, so "
@@ -813,5 +824,6 @@ def to_dict(config):
 
 #: What a run directory written before a setting existed used for it: the default, but
 #: the NAM of runs before `fuse_attention` existed was the BN then NAMAttention (its
-#: backups hold that layout, which only `--no-fuse-attention` builds).
-RESUME_DEFAULTS = {**_defaults(), "fuse_attention": False}
+#: backups hold that layout, which only `--no-fuse-attention` builds), and runs before
+#: `input` made their batches on the host.
+RESUME_DEFAULTS = {**_defaults(), "fuse_attention": False, "input": "host"}

@@ -149,7 +149,8 @@ def resample(images, maps):
     """`images` (B, H, W, C) float sampled at the input coordinates of `maps`
     (B, 6), bilinear, zero outside: what TensorFlow's `ImageProjectiveTransformV3`
     does (BILINEAR, CONSTANT fill 0) for affine transforms, in `keras.ops`."""
-    batch, height, width, channels = images.shape
+    _, height, width, channels = images.shape
+    batch = ops.shape(images)[0]  # unknown in a tf.data batch: a tensor there
     ys, xs = ops.meshgrid(
         ops.arange(height, dtype="float32"), ops.arange(width, dtype="float32"), indexing="ij"
     )
@@ -171,7 +172,7 @@ def resample(images, maps):
             yi = ops.cast(ops.clip(y, 0, height - 1), "int32")
             pixels = ops.take(flat, base + yi * width + xi, axis=0)
             out = out + weight[..., None] * pixels
-    return ops.reshape(out, (batch, height, width, channels))
+    return ops.reshape(out, (-1, height, width, channels))
 
 
 def _factor(value, apply, amount, p):
@@ -196,7 +197,7 @@ def augment_batch(
     [0, 255].
     """
     images = ops.cast(images, "float32")
-    batch, size = images.shape[0], images.shape[1]
+    batch, size = ops.shape(images)[0], images.shape[1]
     draws = keras.random.uniform((batch, 8), seed=_seed(key))
     if pad or flip or rotation_deg:
         images = resample(images, _inverse_maps(draws, size, pad, rotation_deg, flip))
@@ -225,7 +226,7 @@ def mix_up(images, labels, key, alpha):
     weight w ~ Beta(alpha, alpha) per image, blended with a random other image
     of the batch (a permutation), the labels with the same w."""
     k_perm, k_weight = split(key, 2)
-    batch = images.shape[0]
+    batch = ops.shape(images)[0]
     perm = keras.random.shuffle(ops.arange(batch, dtype="int32"), seed=_seed(k_perm))
     w = keras.random.beta((batch,), alpha, alpha, seed=_seed(k_weight))
     return _blend(images, labels, perm, w[:, None, None, None], w)
@@ -237,7 +238,7 @@ def cut_mix(images, labels, key, factor):
     of sides sqrt(1 - w) H and sqrt(1 - w) W at a uniform position inside the
     image, filled from a random other image; labels weighted by the box area."""
     k_alpha, k_weight, k_x, k_y, k_perm = split(key, 5)
-    batch, height, width = images.shape[0], images.shape[1], images.shape[2]
+    batch, height, width = ops.shape(images)[0], images.shape[1], images.shape[2]
     alpha = keras.random.uniform((), 0.0, factor, seed=_seed(k_alpha)) + 1e-6
     w = keras.random.beta((batch,), alpha, alpha, seed=_seed(k_weight))
     ratio = ops.sqrt(1.0 - w)
@@ -269,6 +270,22 @@ def mix_batch(images, labels, key, mixup=0.0, cutmix=0.0):
     return images, labels
 
 
+def augment_and_mix(images, labels, step, seed, augment="reference", mixup=0.0, cutmix=0.0):
+    """The augmentation of training batch `step` of the run seeded with `seed`,
+    on its gathered examples (`images` (B, H, W, 3), uint8 or float; `labels`
+    int class ids, or float one-hot (B, classes), which MixUp and CutMix
+    need): the recipe `augment` (`AUGMENTATIONS`), then MixUp and CutMix.
+    Returns `(float32 images in [0, 255], labels)`."""
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {sorted(AUGMENTATIONS)}; received {augment!r}.")
+    images = ops.cast(images, "float32")
+    if AUGMENTATIONS[augment] is not None:
+        images = augment_batch(images, step_key(seed, step, AUGMENT), **AUGMENTATIONS[augment])
+    if mixup or cutmix:
+        images, labels = mix_batch(images, labels, step_key(seed, step, MIX), mixup, cutmix)
+    return images, labels
+
+
 def training_batch(
     images,
     labels,
@@ -283,21 +300,17 @@ def training_batch(
 ):
     """Training batch `step` of the run seeded with `seed`, from the whole
     training set (`images` uint8 (N, H, W, 3) and `labels` int (N,), on the
-    device): the gather, the recipe `augment` (`AUGMENTATIONS`), then MixUp
-    and CutMix. Returns `(float32 images in [0, 255], labels)`: int class ids,
-    or float32 one-hot (B, num_classes) with MixUp, CutMix or `one_hot`.
+    device): the gather (`batch_indices`), then `augment_and_mix`. Returns
+    `(float32 images in [0, 255], labels)`: int class ids, or float32 one-hot
+    (B, num_classes) with MixUp, CutMix or `one_hot`.
     (RandAugment has no device-side form: `keras.layers.RandAugment` draws
     from its own state, not from a key.)"""
     if augment not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {sorted(AUGMENTATIONS)}; received {augment!r}.")
     index = batch_indices(step, seed, batch_size, images.shape[0])
-    batch_images = ops.cast(ops.take(images, index, axis=0), "float32")
     batch_labels = ops.take(labels, index, axis=0)
-    if AUGMENTATIONS[augment] is not None:
-        key = step_key(seed, step, AUGMENT)
-        batch_images = augment_batch(batch_images, key, **AUGMENTATIONS[augment])
     if mixup or cutmix or one_hot:
         batch_labels = ops.one_hot(batch_labels, num_classes)
-        key = step_key(seed, step, MIX)
-        batch_images, batch_labels = mix_batch(batch_images, batch_labels, key, mixup, cutmix)
-    return batch_images, batch_labels
+    return augment_and_mix(
+        ops.take(images, index, axis=0), batch_labels, step, seed, augment, mixup, cutmix
+    )

@@ -217,8 +217,20 @@ def _reachable(address, timeout):
         pool.shutdown(wait=False)
 
 
+def check_batch_size(batch_size, n):
+    """`DataError` unless a batch of `batch_size` fits in the `n` training examples."""
+    if n < batch_size:
+        raise DataError(f"batch_size {batch_size} is larger than the {n} training examples.")
+
+
 def _tfds_arrays(data_dir, wanted=tuple(FULL_SIZES)):
-    import tensorflow_datasets as tfds
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as err:  # TFDS needs TensorFlow, which a JAX-only machine may lack
+        raise DataError(
+            f"TFDS cannot be imported ({err}): the cifar100 of TFDS needs TensorFlow and "
+            f"tensorflow-datasets. {_OFFLINE_HELP}"
+        ) from None
 
     def load(download):
         splits = tfds.load("cifar100", split=list(wanted), data_dir=data_dir, download=download)

@@ -1,5 +1,6 @@
 """Device choices: the accelerators of the Keras backend, precision policy,
-XLA, and the `tf.distribute` strategy (TensorFlow backend only)."""
+XLA, the input path, and the strategy over several devices: `tf.distribute`
+on TensorFlow, `keras.distribution.DataParallel` on JAX."""
 
 import contextlib
 import json
@@ -48,7 +49,7 @@ def accelerators():
 
 
 class OneDevice:
-    """The "strategy" of the JAX and PyTorch backends: one device, no replicas."""
+    """The "strategy" of one device on JAX and PyTorch: no replicas."""
 
     num_replicas_in_sync = 1
 
@@ -57,31 +58,167 @@ class OneDevice:
         return contextlib.nullcontext()
 
 
-def check_backend_supports(cpu_replicas=0, sync_bn=None, tf_config=None):
-    """`ConfigError` when a TensorFlow-only feature is asked for under another backend.
+class DataParallel:
+    """The "strategy" of several devices on JAX: `keras.distribution.DataParallel`.
 
-    `tf.distribute` (several GPUs, `--cpu-replicas`, `TF_CONFIG` clusters,
-    `--sync-bn`) exists only on TensorFlow; on JAX and PyTorch `train.py` trains
-    on one device.
+    Inside `scope()` the variables are created replicated on every device and
+    `model.fit` splits each batch (the global batch) along its first axis over
+    them; the step is compiled once for the global batch (GSPMD), so a mean
+    over the batch, the loss's and BatchNormalization's statistics included,
+    is over the global batch, as on one device.
+    """
+
+    def __init__(self, devices):
+        self.devices = list(devices)
+        self.distribution = keras.distribution.DataParallel(devices=self.devices)
+        self.num_replicas_in_sync = len(self.devices)
+
+    def scope(self):
+        """The distribution's scope: variables and `fit` under it are distributed."""
+        return self.distribution.scope()
+
+
+def start_devices(cpu_replicas=0):
+    """Sets up JAX's devices before their first use (nothing on the other
+    backends): several hosts when `JAX_COORDINATOR_ADDRESS` is set
+    (`jax.distributed`, with `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`), and
+    `cpu_replicas` CPU devices when it is above 1. Calling it again with the
+    same arguments changes nothing."""
+    if backend() != "jax":
+        return
+    import jax
+
+    if cpu_replicas > 1 and jax.config.jax_num_cpu_devices != cpu_replicas:
+        try:
+            jax.config.update("jax_num_cpu_devices", cpu_replicas)
+        except RuntimeError as err:  # JAX's devices are already in use in this process
+            raise ConfigError(
+                f"--cpu-replicas {cpu_replicas}: JAX's CPU devices were set up before train "
+                f"started ({err}); set XLA_FLAGS=--xla_force_host_platform_device_count="
+                f"{cpu_replicas} before Python starts instead."
+            ) from None
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if address and not jax.distributed.is_initialized():
+        try:
+            jax.distributed.initialize(
+                address,
+                num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                process_id=int(os.environ["JAX_PROCESS_ID"]),
+            )
+        except (KeyError, ValueError) as err:
+            raise ConfigError(
+                f"JAX_COORDINATOR_ADDRESS={address} needs JAX_NUM_PROCESSES (the number of "
+                "hosts) and JAX_PROCESS_ID (this host's, from 0) as integers; "
+                f"{type(err).__name__}: {err}."
+            ) from None
+
+
+def jax_strategy(cpu_replicas=0):
+    """`DataParallel` over every device JAX has (the accelerators, or the CPU
+    devices; all hosts'), or `OneDevice` when it has one."""
+    start_devices(cpu_replicas)
+    devices = keras.distribution.list_devices()
+    return DataParallel(devices) if len(devices) > 1 else OneDevice()
+
+
+def fit_scope(strategy):
+    """The context `model.fit` runs in: `keras.distribution`'s scope for
+    `DataParallel` (JAX reads the distribution when it compiles the step and
+    splits the batches); nothing for `tf.distribute`, whose models carry their
+    strategy, and for one device."""
+    if isinstance(strategy, DataParallel):
+        return strategy.scope()
+    return contextlib.nullcontext()
+
+
+def tensorflow_installed():
+    """Whether TensorFlow is installed (a JAX-only machine has none); found
+    without importing it."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("tensorflow") is not None
+    except ImportError:
+        return False
+
+
+def resolve_input(choice, randaugment=False, replicas=1):
+    """`--input` as `("host" or "device", why)`, `why` a phrase for the log.
+
+    `auto`: the host's `tf.data` pipeline where TensorFlow is installed, the
+    device-side input where it is not. `ConfigError` for what cannot work: the
+    host input without TensorFlow, RandAugment on the device, the device input
+    under `tf.distribute` with several replicas (each replica would draw the
+    same augmentation for its part of the batch).
+    """
+    have_tf = tensorflow_installed()
+    reason = ""
+    if choice == "auto":
+        choice = "host" if have_tf else "device"
+        reason = "" if have_tf else " (TensorFlow is not installed)"
+    if choice == "host" and not have_tf:
+        raise ConfigError(
+            "--input host makes batches with tf.data, and TensorFlow is not installed: use "
+            "--input device (or auto), which needs no TensorFlow, or install tensorflow."
+        )
+    if choice == "device" and randaugment:
+        raise ConfigError(
+            "--randaugment has no device-side form (keras.layers.RandAugment draws from its "
+            "own state, not from the step), and the input is made on the device"
+            f"{reason or ' (--input device)'}: use --input host with TensorFlow installed, or "
+            "drop --randaugment."
+        )
+    if choice == "device" and backend() == "tensorflow" and replicas > 1:
+        raise ConfigError(
+            f"--input device with tf.distribute over {replicas} replicas: each replica would "
+            "draw the same augmentation for its part of the batch. Use --input host, or "
+            "KERAS_BACKEND=jax, whose devices share one compiled step."
+        )
+    return choice, reason
+
+
+def process_of():
+    """`(index, count)` of this process among the hosts of a run (`(0, 1)` on one host)."""
+    if backend() != "jax":
+        return 0, 1
+    import jax
+
+    return jax.process_index(), jax.process_count()
+
+
+def check_backend_supports(cpu_replicas=0, sync_bn=None, tf_config=None):
+    """`ConfigError` when a feature is asked for under a backend that lacks it.
+
+    Several devices exist on TensorFlow (`tf.distribute`: several GPUs,
+    `--cpu-replicas`, `TF_CONFIG` clusters, `--sync-bn`) and on JAX
+    (`keras.distribution.DataParallel`: all local devices, `--cpu-replicas`,
+    several hosts through `jax.distributed`; BN statistics are those of the
+    global batch, so `--no-sync-bn` is refused there). PyTorch trains on one.
     """
     name = backend()
     if name == "tensorflow":
         return
     workers, _ = read_tf_config(tf_config)
-    asked = [
-        what
-        for what, on in (
-            (f"--cpu-replicas {cpu_replicas}", cpu_replicas > 1),
-            ("--sync-bn", bool(sync_bn)),
-            (f"TF_CONFIG with {len(workers)} workers", len(workers) > 1),
-        )
-        if on
-    ]
+    cluster = (f"TF_CONFIG with {len(workers)} workers", len(workers) > 1)
+    if name == "jax":
+        asked = [what for what, on in (("--no-sync-bn", sync_bn is False), cluster) if on]
+        if asked:
+            raise ConfigError(
+                f"{', '.join(asked)} needs tf.distribute, which only the TensorFlow backend "
+                "has; on JAX train.py trains over all local devices with "
+                "keras.distribution.DataParallel, BN statistics over the global batch, and "
+                "over several hosts through jax.distributed (JAX_COORDINATOR_ADDRESS, "
+                "JAX_NUM_PROCESSES, JAX_PROCESS_ID). Run with KERAS_BACKEND=tensorflow, or "
+                "drop the option."
+            )
+        return
+    options = ((f"--cpu-replicas {cpu_replicas}", cpu_replicas > 1), ("--sync-bn", bool(sync_bn)))
+    asked = [what for what, on in (*options, cluster) if on]
     if asked:
         raise ConfigError(
-            f"{', '.join(asked)} needs tf.distribute, which only the TensorFlow backend has; "
-            f"KERAS_BACKEND is {name!r}, which trains on one device. Run with "
-            "KERAS_BACKEND=tensorflow, or drop the option."
+            f"{', '.join(asked)} needs several devices, which train.py has on TensorFlow "
+            f"(tf.distribute) and JAX (keras.distribution); KERAS_BACKEND is {name!r}, which "
+            "trains on one device. Run with KERAS_BACKEND=jax or tensorflow, or drop the option."
         )
 
 
@@ -297,9 +434,11 @@ def make_strategy(cpu_replicas=0, cluster_timeout=600.0):
     several GPUs -> `MirroredStrategy`; `cpu_replicas` > 1 splits the CPU into
     that many logical devices and mirrors over them (tests the multi-device
     path without GPUs); otherwise the default one-device strategy. Under
-    the JAX and PyTorch backends: `OneDevice` (see `check_backend_supports`).
+    JAX: `jax_strategy`; under PyTorch: `OneDevice` (see `check_backend_supports`).
     """
     check_backend_supports(cpu_replicas, tf_config=os.environ.get("TF_CONFIG"))
+    if backend() == "jax":
+        return jax_strategy(cpu_replicas)
     if backend() != "tensorflow":
         return OneDevice()
     import tensorflow as tf
@@ -325,6 +464,8 @@ def strategy_name(strategy):
     name = type(strategy).__name__
     if name.startswith("_Default") or name == "OneDevice":
         return "one device"
+    if isinstance(strategy, DataParallel):
+        return "keras.distribution.DataParallel"
     return {"CollectiveAllReduceStrategy": "MultiWorkerMirroredStrategy"}.get(name, name)
 
 

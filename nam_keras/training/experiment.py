@@ -19,11 +19,12 @@ import os
 import time
 
 import keras
+import numpy as np
 from keras import ops
 
-from nam_keras import cifar100, cli
+from nam_keras import cifar100, cli, console
 from nam_keras import config as settings
-from nam_keras.data import pipeline, sources
+from nam_keras.data import device_input, sources
 from nam_keras.errors import ConfigError
 from nam_keras.models.resnet import build_resnet, forward_multiply_adds, weights_by_name
 from nam_keras.training import callbacks, distribute, schedules
@@ -44,6 +45,8 @@ class Devices:
     jit_compile: bool
     replicas: int
     sync_bn: bool
+    input: str  # "host" (tf.data) or "device" (device_input)
+    reason: str = ""  # why `input` was chosen, when `--input auto` chose it
 
 
 @dataclasses.dataclass
@@ -66,8 +69,8 @@ def set_up_devices(config):
     distribute.check_backend_supports(
         config.cpu_replicas, config.sync_bn, os.environ.get("TF_CONFIG")
     )
-    keras.utils.set_random_seed(config.seed)
     strategy = distribute.make_strategy(config.cpu_replicas, config.cluster_timeout)
+    keras.utils.set_random_seed(config.seed)  # after: on JAX it starts the devices
     gpus = distribute.accelerators()
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:
@@ -75,6 +78,7 @@ def set_up_devices(config):
             f"`batch_size={config.batch_size}` (the global batch) is not divisible by the "
             f"{replicas} replicas of {distribute.strategy_name(strategy)}."
         )
+    input_kind, reason = distribute.resolve_input(config.input, config.randaugment, replicas)
     return Devices(
         strategy=strategy,
         gpus=gpus,
@@ -82,29 +86,54 @@ def set_up_devices(config):
         jit_compile=distribute.resolve_jit(config.jit_compile, gpus, backend),
         replicas=replicas,
         sync_bn=replicas > 1 if config.sync_bn is None else config.sync_bn,
+        input=input_kind,
+        reason=reason,
     )
 
 
-def load_datasets(config):
-    """`(training arrays (images, labels), validation batches or None)`; the
-    training batches are made by `train_batches` once the first step is known."""
-    import tensorflow as tf
-
+def load_datasets(config, devices):
+    """`(training arrays (images, labels), validation data or None)`; the
+    training batches are made by `train_batches` once the first step is known.
+    The validation data: `tf.data` batches for the host input, the arrays
+    `(images, labels)` for the device input (no TensorFlow)."""
     arrays = sources.load_for(config)
-    pipeline.check_batch_size(config.batch_size, len(arrays["train"][1]))
-    val_ds = None
-    if config.val_freq:
-        val_ds = pipeline.eval_pipeline(
-            tf.data.Dataset.from_tensor_slices(arrays["test"]),
-            config.batch_size,
-            one_hot=cifar100.NUM_CLASSES if config.one_hot else None,
-        )
-    return arrays["train"], val_ds
+    sources.check_batch_size(config.batch_size, len(arrays["train"][1]))
+    if not config.val_freq:
+        return arrays["train"], None
+    one_hot = cifar100.NUM_CLASSES if config.one_hot else None
+    if devices.input == "device":
+        images, labels = arrays["test"]
+        if one_hot:
+            labels = np.eye(one_hot, dtype="float32")[labels]
+        return arrays["train"], (images, labels)
+    with console.quiet_startup(enabled=console.quiet_by_default()):  # CUDA's probing
+        import tensorflow as tf
+
+        tf.config.list_physical_devices("GPU")
+    from nam_keras.data import pipeline
+
+    ds = tf.data.Dataset.from_tensor_slices(arrays["test"])
+    return arrays["train"], pipeline.eval_pipeline(ds, config.batch_size, one_hot=one_hot)
 
 
-def train_batches(config, train_arrays, start_step=0):
+def train_batches(config, devices, train_arrays, start_step=0):
     """The endless training batches from global step `start_step` on: batch `s`
-    is a function of `(config.seed, s)` (`pipeline.train_pipeline`)."""
+    is a function of `(config.seed, s)`: `pipeline.train_pipeline` (host) or
+    `device_input.TrainingBatches` (device: uint8, augmented in the train step)."""
+    if devices.input == "device":
+        index, count = distribute.process_of()
+        return device_input.TrainingBatches(
+            *train_arrays,
+            config.batch_size,
+            seed=config.seed,
+            start_step=start_step,
+            num_classes=cifar100.NUM_CLASSES,
+            one_hot=config.one_hot,
+            process_index=index,
+            process_count=count,
+        )
+    from nam_keras.data import pipeline
+
     return pipeline.train_pipeline(
         train_arrays,
         config.batch_size,
@@ -119,10 +148,19 @@ def train_batches(config, train_arrays, start_step=0):
     )
 
 
+def _versions():
+    """The versions of Keras, its backend and TensorFlow (when installed) for `config.json`."""
+    import importlib.metadata
+
+    versions = {"keras": keras.__version__}
+    for package in ("tensorflow", distribute.backend()):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[package] = importlib.metadata.version(package)
+    return versions
+
+
 def resolved_config(config, devices, n_train):
     """What `config.json` records: every setting plus what was resolved."""
-    import tensorflow as tf
-
     steps_per_epoch = config.steps_per_epoch or n_train // config.batch_size
     return {
         **settings.to_dict(config),
@@ -134,6 +172,7 @@ def resolved_config(config, devices, n_train):
         "strategy": distribute.strategy_name(devices.strategy),
         "replicas": devices.replicas,
         "sync_bn": devices.sync_bn,
+        "input": devices.input,
         "per_replica_batch": config.batch_size // devices.replicas,
         "peak_lr": config.peak_lr,
         "steps_per_epoch": steps_per_epoch,
@@ -141,7 +180,7 @@ def resolved_config(config, devices, n_train):
         "train_examples": n_train,
         "mixing": config.mixing,
         "backend": distribute.backend(),
-        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+        "versions": _versions(),
     }
 
 
@@ -156,7 +195,8 @@ def build_and_compile(config, devices):
             attention=None if config.model == "baseline" else config.model,
             stem=config.stem,
             width=config.width,
-            sync_bn=devices.sync_bn,
+            # on JAX the statistics are the global batch's without it (distribute.DataParallel)
+            sync_bn=devices.sync_bn and distribute.backend() == "tensorflow",
             attention_kwargs=config.attention_kwargs or None,
             dtype=devices.precision,
             fuse_attention=config.fuse_attention,
@@ -187,6 +227,10 @@ def build_and_compile(config, devices):
             ]
         model.compile(
             optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=devices.jit_compile
+        )
+    if devices.input == "device":  # augmented inside the compiled train step
+        model.batch_maker = device_input.DeviceAugmentation(
+            config.seed, config.augment, config.mixup, config.cutmix
         )
     return model
 
@@ -262,7 +306,7 @@ def make_callbacks(config, devices, run, steps_per_epoch):
         callbacks.StopOnNonFiniteLoss(),
         callbacks.StopOnSignal(),
         run.csv_logger(),
-        callbacks.TensorBoard(run.tensorboard),
+        *([callbacks.TensorBoard(run.tensorboard)] if distribute.tensorflow_installed() else []),
         run.best_checkpoint(),
         run.callback(steps_per_epoch, config.epochs, scope=devices.strategy.scope),
     ]
@@ -281,10 +325,14 @@ def run_summary(model, config, started):
 
 def _log_devices(devices):
     sync = "; synchronised BN" if devices.sync_bn else ""
+    count = f"{devices.replicas} device{'s' if devices.replicas > 1 else ''}"
+    strategy = distribute.strategy_name(devices.strategy)
+    how = "" if devices.replicas == 1 else f" with {strategy}"
+    where = {"host": "tf.data on the host", "device": "augmented on the device"}[devices.input]
     logger.info(
-        f"device: {distribute.device_summary(devices.gpus)}; strategy "
-        f"{distribute.strategy_name(devices.strategy)} with {devices.replicas} replica(s); "
-        f"precision {devices.precision}; XLA {'on' if devices.jit_compile else 'off'}{sync}"
+        f"device: {distribute.device_summary(devices.gpus)}; trains on {count}{how}; "
+        f"precision {devices.precision}; XLA {'on' if devices.jit_compile else 'off'}{sync}; "
+        f"input: {where}{devices.reason}"
     )
 
 
@@ -337,12 +385,13 @@ def _fit(config, devices, run, datasets, resolved):
             "differ from an uninterrupted run's (the order and the other augmentations do not)"
         )
     history = model.fit(
-        train_batches(config, train_arrays, start_step=initial_epoch * steps),
+        train_batches(config, devices, train_arrays, start_step=initial_epoch * steps),
         epochs=config.epochs,
         initial_epoch=initial_epoch,
         steps_per_epoch=steps,
         validation_data=val_ds,
         validation_steps=config.val_steps,
+        validation_batch_size=config.batch_size if isinstance(val_ds, tuple) else None,
         validation_freq=config.val_freq or 1,
         verbose=config.verbose,
         shuffle=False,  # the pipeline shuffles, keyed by the seed and the step
@@ -403,17 +452,20 @@ def _train(config):
     _log_devices(devices)
     RunDirectory.check_paths(config.resolved_run_dir, config.resolved_output)  # before the data
     _check_initial_checkpoint(config.initial_checkpoint)
-    train_arrays, val_ds = load_datasets(config)
+    train_arrays, val_ds = load_datasets(config, devices)
     resolved = resolved_config(config, devices, len(train_arrays[1]))
-    with RunDirectory.open(
-        config.resolved_run_dir,
-        config.resolved_output,
-        resolved,
-        config.resume_keys(),
-        resume=config.resume,
-        defaults=settings.RESUME_DEFAULTS,
-        extend=config.extend,
-    ) as run:
+    with (
+        distribute.fit_scope(devices.strategy),
+        RunDirectory.open(
+            config.resolved_run_dir,
+            config.resolved_output,
+            resolved,
+            config.resume_keys(),
+            resume=config.resume,
+            defaults=settings.RESUME_DEFAULTS,
+            extend=config.extend,
+        ) as run,
+    ):
         if run.finished is not None:
             done = run.finished
             logger.info(

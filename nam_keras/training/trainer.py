@@ -7,6 +7,10 @@ keeps training exactly as before (the gradient is that of cross-entropy plus
 penalty) but reports the two apart: `loss` (and `val_loss`) is the compiled
 loss alone, `sparsity_penalty` (and `val_sparsity_penalty`) the sum of the
 layers' added losses.
+
+Its `batch_maker` (not saved) makes the training batch inside the compiled
+train step from what the input yields: `train.py --input device` sets it to a
+`nam_keras.data.device_input.DeviceAugmentation`.
 """
 
 import keras
@@ -30,6 +34,17 @@ class CrossEntropyModel(keras.Model):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.penalty_tracker = keras.metrics.Mean(name="sparsity_penalty")
+        #: `None`, or a function of an input element returning `(x, y)`,
+        #: called in the train step (so compiled with it); not saved.
+        self.batch_maker = None
+
+    def train_step(self, *args):
+        """Keras' train step (`(state, data)` on JAX, `(data,)` elsewhere), on
+        `batch_maker(data)` when a batch maker is set."""
+        if self.batch_maker is not None:
+            *state, data = args
+            args = (*state, self.batch_maker(data))
+        return super().train_step(*args)
 
     @classmethod
     def wrap(cls, model):
