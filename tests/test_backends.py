@@ -147,13 +147,15 @@ def test_model_side_suite_passes_on_jax(tmp_path):
 
 
 #: What imports where TensorFlow cannot be imported: the model side, the schedules,
-#: the optimizer, the settings, the data sources, the reports and the client.
+#: the optimizer, the settings, the data sources, the device-side input, the training
+#: run (train.py runs there: tests/test_device_input.py), the reports and the client.
 TENSORFLOW_FREE = (
     "nam_keras",
     "nam_keras.cifar100",
     "nam_keras.cli",
     "nam_keras.config",
     "nam_keras.data.device_augment",
+    "nam_keras.data.device_input",
     "nam_keras.data.sources",
     "nam_keras.layers.attention",
     "nam_keras.layers.batch_norm_nam",
@@ -164,8 +166,11 @@ TENSORFLOW_FREE = (
     "nam_keras.reports.evaluation",
     "nam_keras.serving.client",
     "nam_keras.training.callbacks",
+    "nam_keras.training.distribute",
+    "nam_keras.training.experiment",
     "nam_keras.training.optimizers",
     "nam_keras.training.schedules",
+    "nam_keras.training.trainer",
 )
 
 
@@ -252,10 +257,11 @@ def test_train_on_jax_resumes_and_records_the_backend(tmp_path, tiny_args, inter
 
 def test_tensorflow_only_features_are_refused_by_name(tmp_path, run_script):
     env = {"KERAS_BACKEND": "jax"}
-    proc = run_script("train.py", ["--dataset", "synthetic", "--cpu-replicas", "2"], env=env)
+    proc = run_script("train.py", ["--dataset", "synthetic", "--no-sync-bn"], env=env)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2
-    assert "--cpu-replicas 2 needs tf.distribute, which only the TensorFlow backend has" in out
+    assert "--no-sync-bn needs tf.distribute, which only the TensorFlow backend has" in out
+    assert "BN statistics over the global batch" in out
     assert not (tmp_path / "runs").exists()
     proc = run_script("evaluate.py", ["missing.keras", "--export", str(tmp_path / "x")], env=env)
     out, _ = proc.communicate(timeout=120)

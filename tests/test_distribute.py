@@ -65,7 +65,7 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path, tiny_args, run_script):
     )
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
-    assert "strategy MirroredStrategy with 2 replica(s)" in out and "synchronised BN" in out
+    assert "trains on 2 devices with MirroredStrategy" in out and "synchronised BN" in out
     assert "global batch 8 (4 per replica)" in out
     keras.models.load_model(tmp_path / "run.keras")
 
@@ -99,7 +99,7 @@ def test_multi_worker_mirrored_two_processes(tmp_path, tiny_args, run_script):
     outs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out
-        assert "strategy MultiWorkerMirroredStrategy with 2 replica(s)" in out
+        assert "trains on 2 devices with MultiWorkerMirroredStrategy" in out
     # trainable weights, optimizer state and (synchronised) BN statistics alike
     w0, w1 = (
         keras.models.load_model(tmp_path / f"worker{i}.keras").get_weights() for i in range(2)
