@@ -307,3 +307,49 @@ def test_pipeline_rejects_bad_batch_sizes():
         pipeline.train_pipeline(train, 16)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         pipeline.eval_pipeline(test, 0)
+
+
+# ------------------------------------------------------------------ RandAugment
+
+
+def test_rand_augment_ops_are_keras_own_in_its_order():
+    assert list(pipeline.RAND_AUGMENT_OPS) == keras.layers.RandAugment._AUGMENT_LAYERS
+
+
+@pytest.mark.parametrize("num_ops", [2, 3])
+def test_rand_augment_transform_equals_keras_for_fixed_draws(rng, num_ops):
+    """Only the drawn op of each slot, each slot on the one before's output:
+    Keras' own result for the same draws, with every op in every slot."""
+    layer = keras.layers.RandAugment(num_ops=num_ops, seed=5, dtype="float32")
+    ops = [getattr(layer, name) for name in pipeline.RAND_AUGMENT_OPS]
+    images = tf.constant(rng.integers(20, 230, (4, 10, 10, 3)).astype("float32"))
+    n, telling = len(ops), 0
+    with pipeline.tensorflow_backend(layer, *ops):
+        for first in range(n):
+            drawn = layer.get_random_transformation(images, training=True)  # new draws each
+            order = [(first + 4 * slot) % n for slot in range(num_ops)]  # distinct ops
+            drawn["layer_idxes"] = tf.constant(order, drawn["layer_idxes"].dtype)
+            want = layer.transform_images(images, drawn, training=True).numpy()
+            got = pipeline.rand_augment_transform(layer, images, drawn).numpy()
+            np.testing.assert_allclose(got, want, atol=1e-3)
+            # a real check: one op alone (a slot skipped, or on the wrong input) differs,
+            # but for a few pairs (auto_contrast after contrast is auto_contrast alone)
+            names = [pipeline.RAND_AUGMENT_OPS[k] for k in order]
+            alone = [
+                getattr(layer, k).transform_images(images, drawn["transforms"][k]) for k in names
+            ]
+            telling += all(np.abs(a.numpy() - want).max() > 1.0 for a in alone)
+    assert telling >= n - 2
+
+
+def test_randaugment_pipeline_is_keras_randaugment(monkeypatch):
+    """The pipeline's batch with RandAugment: shape, dtype, range, and exactly
+    what calling the Keras layer gives for the same draws (one batch: one draw)."""
+    train, _ = pipeline.load_cifar100("synthetic", synthetic_sizes=(16, 8))
+    images, labels = next(iter(pipeline.train_pipeline(train, 16, seed=4, randaugment=True)))
+    assert images.shape == (16, 32, 32, 3) and labels.shape == (16,)
+    assert images.dtype == tf.float32 and labels.dtype == tf.int32
+    assert images.numpy().min() >= 0.0 and images.numpy().max() <= 255.0
+    monkeypatch.setattr(pipeline, "_rand_augment", lambda layer, x: layer(x, training=True))
+    keras_own = next(iter(pipeline.train_pipeline(train, 16, seed=4, randaugment=True)))[0]
+    np.testing.assert_allclose(images.numpy(), keras_own.numpy(), atol=1e-3)

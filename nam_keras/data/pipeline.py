@@ -8,14 +8,15 @@ pixels in [0, 255] and normalise with the CIFAR-100 mean/std in their first
 (weight-free) layer, so the exported serving model takes raw uint8 images too.
 """
 
+import contextlib
+import functools
 import math
 
 import keras
 import tensorflow as tf
 
 from nam_keras.cifar100 import NUM_CLASSES
-from nam_keras.data.sources import load_cifar100_arrays
-from nam_keras.errors import DataError
+from nam_keras.data.sources import check_batch_size, load_cifar100_arrays
 
 
 def load_cifar100(
@@ -140,12 +141,6 @@ def _with_options(ds):
     return ds.with_options(options)
 
 
-def check_batch_size(batch_size, n):
-    """`DataError` unless a batch of `batch_size` fits in the `n` training examples."""
-    if n < batch_size:
-        raise DataError(f"batch_size {batch_size} is larger than the {n} training examples.")
-
-
 def _as_arrays(data):
     """`(images, labels)` tensors of a finite dataset of `(image, label)` or of an array pair."""
     if isinstance(data, tf.data.Dataset):
@@ -181,6 +176,20 @@ def augmentation_seed(step, seed, stream=1):
     return tf.random.experimental.stateless_fold_in(base, tf.cast(step, tf.int64))
 
 
+@contextlib.contextmanager
+def tensorflow_backend(*layers):
+    """Keras preprocessing `layers` computing with TensorFlow, whatever the
+    Keras backend, as inside `tf.data` (what calling a layer does for itself;
+    its methods alone do not)."""
+    for layer in layers:
+        layer.backend.set_backend("tensorflow")
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.backend.reset()
+
+
 class StepSeeds(keras.random.SeedGenerator):
     """Seeds for the `seed=` argument of a Keras augmentation layer's
     `get_random_transformation`, keyed by one batch: the i-th draw is
@@ -201,17 +210,64 @@ def _mix(mixers, images, labels, key):
     """`images, labels` through the MixUp/CutMix layers `mixers`, their draws keyed by `key`."""
     seeds = StepSeeds(key)
     for mixer in mixers:
-        # inside tf.data the layer computes with TensorFlow whatever the Keras backend
-        # (what calling the layer does for itself; its methods alone do not)
-        mixer.backend.set_backend("tensorflow")
-        try:
+        with tensorflow_backend(mixer):
             data = {"images": images, "labels": labels}
             drawn = mixer.get_random_transformation(data, training=True, seed=seeds)
             images = mixer.transform_images(images, drawn, training=True)
             labels = mixer.transform_labels(labels, drawn, training=True)
-        finally:
-            mixer.backend.reset()
     return images, labels
+
+
+#: The ops of `keras.layers.RandAugment` (attributes of the layer), in the order
+#: its drawn `layer_idxes` index them: Keras' private `_AUGMENT_LAYERS`, which a
+#: test checks this equals.
+RAND_AUGMENT_OPS = (
+    "random_shear",
+    "random_translation",
+    "random_rotation",
+    "random_brightness",
+    "random_color_degeneration",
+    "random_contrast",
+    "random_sharpness",
+    "random_posterization",
+    "solarization",
+    "auto_contrast",
+    "equalization",
+)
+
+
+def _rand_augment_op(op, images, transform, dtype):
+    """`images` through the RandAugment op layer `op` with its drawn `transform`, as `dtype`."""
+    return tf.cast(op.transform_images(images, transform, training=True), dtype)
+
+
+def rand_augment_transform(layer, images, drawn):
+    """`layer.transform_images(images, drawn, training=True)` of a
+    `keras.layers.RandAugment` `layer`, computing only the drawn op of each of
+    its `num_ops` slots, each slot on the output of the one before (Keras
+    computes all 11 ops per slot and keeps one with `where`). The whole batch
+    takes each slot's op. `layer` and its ops must compute with TensorFlow
+    (`tensorflow_backend`)."""
+    dtype = layer.compute_dtype
+    images = tf.cast(images, dtype)
+    for i in range(layer.num_ops):
+        branches = [
+            functools.partial(
+                _rand_augment_op, getattr(layer, name), images, drawn["transforms"][name], dtype
+            )
+            for name in RAND_AUGMENT_OPS
+        ]
+        images = tf.switch_case(tf.cast(drawn["layer_idxes"][i], tf.int32), branches)
+    return images
+
+
+def _rand_augment(layer, images):
+    """`images` through the `keras.layers.RandAugment` `layer`, as calling it
+    does (its draws from its own seed generator), at the cost of the drawn ops
+    alone (`rand_augment_transform`)."""
+    with tensorflow_backend(layer, *(getattr(layer, name) for name in RAND_AUGMENT_OPS)):
+        drawn = layer.get_random_transformation(images, training=True)
+        return rand_augment_transform(layer, images, drawn)
 
 
 def train_pipeline(
@@ -251,7 +307,8 @@ def train_pipeline(
         augment: `"reference"` (`augment_batch`: crop, flip, rotation,
             brightness, contrast), `"crop-flip"` (the official NAM code's:
             4-pixel pad + crop and flip only) or `"none"`.
-        randaugment: also apply `keras.layers.RandAugment`.
+        randaugment: also apply `keras.layers.RandAugment` (computing only
+            its drawn ops: `rand_augment_transform`).
         mixup: MixUp alpha (0 disables); `keras.layers.MixUp`.
         cutmix: CutMix alpha (0 disables); `keras.layers.CutMix`.
         repeat: endless (use with `steps_per_epoch`); otherwise one pass of
@@ -295,7 +352,7 @@ def train_pipeline(
                 batch_images, augmentation_seed(step, key), **AUGMENTATIONS[augment]
             )
         if rand_aug is not None:
-            batch_images = rand_aug(batch_images, training=True)
+            batch_images = _rand_augment(rand_aug, batch_images)
         if mixers or one_hot:
             batch_labels = tf.one_hot(batch_labels, num_classes)
             key = augmentation_seed(step, key, stream=2)
