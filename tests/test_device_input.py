@@ -91,8 +91,11 @@ def test_auto_input_and_what_cannot_work(monkeypatch):
     assert distribute.resolve_input("device") == ("device", "")
     with pytest.raises(ConfigError, match="--randaugment has no device-side form"):
         distribute.resolve_input("device", randaugment=True)
-    with pytest.raises(ConfigError, match="each replica would draw the same augmentation"):
+    with pytest.raises(ConfigError, match="would draw the same augmentation for each replica"):
         distribute.resolve_input("device", replicas=2)
+    with pytest.raises(ConfigError, match="no kernel for the Beta draws of --mixup/--cutmix"):
+        distribute.resolve_input("device", xla_mixing=True)
+    assert distribute.resolve_input("host", randaugment=True, replicas=2) == ("host", "")
     monkeypatch.setattr(distribute, "tensorflow_installed", lambda: False)
     assert distribute.resolve_input("auto") == ("device", " (TensorFlow is not installed)")
     with pytest.raises(ConfigError, match=r"--input host makes batches with tf\.data"):

@@ -142,37 +142,51 @@ def tensorflow_installed():
         return False
 
 
-def resolve_input(choice, randaugment=False, replicas=1):
+def resolve_input(choice, randaugment=False, replicas=1, xla_mixing=False):
     """`--input` as `("host" or "device", why)`, `why` a phrase for the log.
 
     `auto`: the host's `tf.data` pipeline where TensorFlow is installed, the
     device-side input where it is not. `ConfigError` for what cannot work: the
-    host input without TensorFlow, RandAugment on the device, the device input
-    under `tf.distribute` with several replicas (each replica would draw the
-    same augmentation for its part of the batch).
+    host input without TensorFlow; on the device, RandAugment (it draws from
+    its own state), `tf.distribute` with several replicas (each would draw the
+    same augmentation for its part of the batch) and MixUp/CutMix in a
+    TensorFlow XLA step (`xla_mixing`: TensorFlow has no XLA kernel for their
+    Beta draws).
     """
     have_tf = tensorflow_installed()
     reason = ""
     if choice == "auto":
-        choice = "host" if have_tf else "device"
-        reason = "" if have_tf else " (TensorFlow is not installed)"
+        choice, reason = ("host", "") if have_tf else ("device", " (TensorFlow is not installed)")
     if choice == "host" and not have_tf:
         raise ConfigError(
             "--input host makes batches with tf.data, and TensorFlow is not installed: use "
             "--input device (or auto), which needs no TensorFlow, or install tensorflow."
         )
-    if choice == "device" and randaugment:
+    if choice == "host":
+        return choice, reason
+    tensorflow = backend() == "tensorflow"
+    problems = [
+        (
+            "--randaugment has no device-side form (keras.layers.RandAugment draws from its own "
+            "state, not from the step)",
+            randaugment,
+        ),
+        (
+            f"tf.distribute over {replicas} replicas would draw the same augmentation for each "
+            "replica's part of the batch",
+            tensorflow and replicas > 1,
+        ),
+        (
+            "TensorFlow's XLA has no kernel for the Beta draws of --mixup/--cutmix",
+            tensorflow and xla_mixing,
+        ),
+    ]
+    problem = next((text for text, on in problems if on), None)
+    if problem:
         raise ConfigError(
-            "--randaugment has no device-side form (keras.layers.RandAugment draws from its "
-            "own state, not from the step), and the input is made on the device"
-            f"{reason or ' (--input device)'}: use --input host with TensorFlow installed, or "
-            "drop --randaugment."
-        )
-    if choice == "device" and backend() == "tensorflow" and replicas > 1:
-        raise ConfigError(
-            f"--input device with tf.distribute over {replicas} replicas: each replica would "
-            "draw the same augmentation for its part of the batch. Use --input host, or "
-            "KERAS_BACKEND=jax, whose devices share one compiled step."
+            f"{problem}, and the input is made on the device{reason or ' (--input device)'}: "
+            "use --input host (with TensorFlow installed), or KERAS_BACKEND=jax, or drop the "
+            "option."
         )
     return choice, reason
 

@@ -78,12 +78,15 @@ def set_up_devices(config):
             f"`batch_size={config.batch_size}` (the global batch) is not divisible by the "
             f"{replicas} replicas of {distribute.strategy_name(strategy)}."
         )
-    input_kind, reason = distribute.resolve_input(config.input, config.randaugment, replicas)
+    jit_compile = distribute.resolve_jit(config.jit_compile, gpus, backend)
+    input_kind, reason = distribute.resolve_input(
+        config.input, config.randaugment, replicas, xla_mixing=jit_compile and config.mixing
+    )
     return Devices(
         strategy=strategy,
         gpus=gpus,
         precision=distribute.resolve_precision(config.precision, gpus, backend),
-        jit_compile=distribute.resolve_jit(config.jit_compile, gpus, backend),
+        jit_compile=jit_compile,
         replicas=replicas,
         sync_bn=replicas > 1 if config.sync_bn is None else config.sync_bn,
         input=input_kind,
