@@ -8,11 +8,14 @@ Calls the `serving_default` signature through `tf.saved_model.load`, as TF
 Serving's session would run the same graph. The batch-128 calls of the models
 are timed in turns (one call each per round), so that other load on the
 machine reaches each alike; the throughput is also given relative to the first
-model's (the baseline's).
+model's (the baseline's), and so is the process CPU time of a call (median of the
+per-round ratios): on a machine shared with other work the wall times of a round
+vary up to 2x, the CPU time a call takes by a few percent.
 """
 
 import os
 import tempfile
+import time
 
 import harness
 import numpy as np
@@ -41,7 +44,8 @@ def measure(paths, args):
     def call(serve, images):
         return lambda: serve(images=images)["probabilities"].numpy()
 
-    rows, times = {}, {label: [] for label in serves}
+    rows = {}
+    times, cpu = ({label: [] for label in serves} for _ in range(2))
     for label, serve in serves.items():
         _, lat = harness.timed(call(serve, one), args.steps, args.warmup)
         rows[label] = {f"p{q}_ms": np.percentile(lat, q) * 1e3 for q in (50, 99)}
@@ -49,11 +53,15 @@ def measure(paths, args):
             call(serve, many)()
     for _ in range(args.throughput_calls):
         for label, serve in serves.items():
+            start = time.process_time()
             times[label].append(harness.timed(call(serve, many), 1, 0)[0])
+            cpu[label].append(time.process_time() - start)
     first = np.median(next(iter(times.values())))
+    first_cpu = np.array(next(iter(cpu.values())))
     for label, t in times.items():
         rows[label]["throughput_images_per_s"] = 128 / np.median(t)
         rows[label]["time_vs_first"] = np.median(t) / first
+        rows[label]["cpu_time_vs_first"] = float(np.median(np.array(cpu[label]) / first_cpu))
     return rows
 
 
@@ -84,7 +92,8 @@ def main(argv=None):
         print(
             f"{label:<24} batch 1: p50 {r['p50_ms']:6.1f} ms, p99 {r['p99_ms']:6.1f} ms; "
             f"batch 128: {r['throughput_images_per_s']:6.0f} images/s "
-            f"({r['time_vs_first']:.3f}x the first's time)",
+            f"({r['time_vs_first']:.3f}x the first's time, "
+            f"{r['cpu_time_vs_first']:.3f}x its CPU time)",
             flush=True,
         )
     harness.write_json(args.json, {"rows": rows})

@@ -130,6 +130,28 @@ def test_inference_folds_both_bns_into_one_affine(rng):
         _close(a, b, 2e-6, name)
 
 
+def test_the_folded_inference_form_is_the_two_layers_on_every_backend(rng):
+    """`bn_nam_inference` against BN then NAM, also where `call` does not take it
+    in inference (TensorFlow keeps the two layers there: `BatchNormNAM._fusable`)."""
+    x = rng.normal(0.7, 2.0, size=(3, 4, 4, 8)).astype("float32")
+    fused, reference = _pair(x.shape, rng)
+    bn3, nam = fused.input_bn, fused.channel_bn
+    w = fused._gate_weights(nam)
+    got = batch_norm_nam.bn_nam_inference(
+        x,
+        (bn3.moving_mean, bn3.moving_variance),
+        (nam.moving_mean, nam.moving_variance),
+        bn3.gamma,
+        bn3.beta,
+        w * nam.gamma,
+        w * nam.beta,
+        bn3.epsilon,
+        nam.epsilon,
+    )
+    want = step(reference, x, training=False)[0]
+    _close(np.asarray(ops.convert_to_numpy(got), np.float64), want, 1e-6, "output")
+
+
 def test_the_custom_gradient_equals_autodiff_of_the_closed_form(rng):
     """The hand-written backward (JAX, TensorFlow) against autodiff of the same
     closed form (the path PyTorch takes)."""

@@ -100,22 +100,81 @@ def test_chaos_run_survives_random_kills(bench_dir_on_path, tmp_path):
 
 @pytest.mark.slow
 def test_gpu_bench_smoke_mode_runs_every_keras_path_on_jax(tmp_path):
-    """bench/gpu.py on a CPU, seconds: the jitted stateless steps, bf16, several
-    steps per execution, the matmul peak and the summary (PyTorch rows when
-    PyTorch is installed)."""
+    """bench/gpu.py on a CPU, seconds: the jitted stateless steps of the five
+    models, bf16, several steps per execution, the matmul peak, the summary
+    (each model against the baseline; PyTorch rows when PyTorch is installed),
+    and train.py end to end for NAM on one and on two (virtual CPU) devices."""
 
     result = run_bench_on_jax("gpu.py", tmp_path, "--smoke")
     keras_rows = [r for r in result["rows"] if r["framework"] == "keras-jax"]
     assert [(r["precision"], r["batch"], r["config"]) for r in keras_rows] == [
-        ("mixed_bfloat16", 8, "XLA, steps_per_execution 2")
+        ("mixed_bfloat16", 8, "XLA, steps_per_execution 1"),
+        ("mixed_bfloat16", 8, "XLA, steps_per_execution 2"),
     ]
+    models = ["baseline", "nam", "se", "cbam", "bam"]
+    assert all(r[m] > 0 for r in keras_rows for m in models)
     assert all(r["baseline"] > 0 and r["nam"] > 0 for r in result["rows"])
     summary = result["summary"]
     assert summary["bf16_matmul_peak_tflops"] > 0
-    assert 0 < summary["nam_fraction_of_peak"] < 1
-    assert summary["nam_overhead_at_best"] == pytest.approx(
-        keras_rows[0]["baseline"] / keras_rows[0]["nam"]
-    )
+    assert list(summary["models"]) == models
+    for m, figures in summary["models"].items():
+        best = max(keras_rows, key=lambda r: r[m])
+        assert 0 < figures["fraction_of_peak"] < 1
+        assert figures["cost_vs_baseline"] == pytest.approx(best["baseline"] / best[m])
+    end_to_end = result["end_to_end"]
+    assert [(r["model"], r["devices"]) for r in end_to_end] == [("nam", 1), ("nam", 2)]
+    nam_step = max(r["nam"] for r in keras_rows)
+    for r in end_to_end:
+        assert "error" not in r, r.get("output_tail")
+        assert r["images_per_s"] > 0
+        assert r["vs_step"] == pytest.approx(r["images_per_s"] / nam_step)
+    assert summary["end_to_end_vs_step"] == {
+        "nam on 1": end_to_end[0]["vs_step"],
+        "nam on 2": end_to_end[1]["vs_step"],
+    }
+
+
+@pytest.fixture
+def gpu_bench(bench_dir_on_path, monkeypatch):
+    """bench/gpu.py imported here, the environment's backend kept."""
+    import keras
+
+    monkeypatch.setenv("KERAS_BACKEND", keras.backend.backend())  # its setdefault: a no-op
+    import gpu
+
+    return gpu
+
+
+def test_gpu_bench_models_devices_and_train_py_outputs(gpu_bench, tmp_path, monkeypatch):
+    """bench/gpu.py's pieces around its child processes: `--models`, the device
+    counts of the end-to-end runs, log.csv's last epoch, a failing child."""
+    import sys
+
+    assert gpu_bench.model_list("bam, NAM") == ("baseline", "nam", "bam")
+    with pytest.raises(SystemExit, match="unknown models"):
+        gpu_bench.model_list("nam,eca")
+
+    cfg = gpu_bench.SMOKE
+    assert gpu_bench.device_counts(cfg, "cpu", 1) == [(1, [], {}), (2, ["--cpu-replicas", "2"], {})]
+    assert gpu_bench.device_counts(gpu_bench.FULL, "cpu", 1) == [(1, [], {})]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    first = (1, [], {"CUDA_VISIBLE_DEVICES": "0"})
+    assert gpu_bench.device_counts(cfg, "gpu", 4) == [first, (4, [], {})]
+    assert gpu_bench.device_counts(cfg, "gpu", 1) == [first]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert gpu_bench.device_counts(cfg, "gpu", 2)[0] == (1, [], {"CUDA_VISIBLE_DEVICES": "3"})
+
+    log = tmp_path / "log.csv"
+    log.write_text("epoch,loss,train_images_per_s\n0,4.6,12.5\n1,4.5,150.25\n")
+    assert gpu_bench.last_epoch_images_per_s(str(log)) == 150.25
+    log.write_text("epoch,loss,train_images_per_s\n0,4.6,NA\n")
+    assert gpu_bench.last_epoch_images_per_s(str(log)) is None
+    assert gpu_bench.last_epoch_images_per_s(str(tmp_path / "missing.csv")) is None
+
+    fails = [sys.executable, "-c", "print('boom'); raise SystemExit(3)"]
+    assert gpu_bench.run_child(fails) == ("boom\n", "exit status 3")
+    sleeps = [sys.executable, "-c", "import time; time.sleep(30)"]
+    assert gpu_bench.run_child(sleeps, timeout=0.5)[1] == "timed out after 0.5 s"
 
 
 @pytest.fixture

@@ -264,7 +264,10 @@ class BatchNormNAM(NAMAttention):
         """Whether `call` takes the fused form. On TensorFlow (no XLA) its two fused
         BN kernels run faster than any fused form measured (docs/performance.md):
         there it is taken only where it changes the result, a 16-bit training step
-        (the BN output unrounded)."""
+        (the BN output unrounded). In inference too: there grappler fuses the first
+        BN into its convolution, and no form of the gate measured cheaper (the gate
+        reads `y` twice, so it fills a new buffer per block; docs/performance.md,
+        "Serving")."""
         if keras.backend.backend() == "tensorflow":
             sixteen_bit = self.compute_dtype in ("float16", "bfloat16")
             return bool(training) and sixteen_bit and not self.synchronized and self._trains()
