@@ -85,6 +85,20 @@ def tiny_args(tmp_path):
 
 
 @pytest.fixture
+def no_tensorflow():
+    """Python code (a string) that makes `import tensorflow` fail in the child
+    process that runs it first, as on a machine without TensorFlow."""
+    return """
+import sys
+class _NoTensorFlow:
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow" or name.startswith("tensorflow."):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, _NoTensorFlow())
+"""
+
+
+@pytest.fixture
 def run_script():
     """`run_script("train.py", args, env=None)`: a child Python process
     running one of the top-level scripts, stdout and stderr merged."""

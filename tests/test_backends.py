@@ -18,16 +18,6 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Makes `import tensorflow` fail as on a machine without it.
-NO_TENSORFLOW = """
-import sys
-class _NoTensorFlow:
-    def find_spec(self, name, path=None, target=None):
-        if name == "tensorflow" or name.startswith("tensorflow."):
-            raise ModuleNotFoundError(f"No module named {name!r}")
-sys.meta_path.insert(0, _NoTensorFlow())
-"""
-
 # Writes a NAM ResNet (BatchNormNAM in every block) and a BAM one (convolutions, dense
 # layers and BNs of its own), their BN variables (moving statistics included) set
 # away from their initial values, with their predictions on fixed images. No fit:
@@ -174,9 +164,9 @@ TENSORFLOW_FREE = (
 )
 
 
-def test_import_and_build_without_tensorflow(tmp_path):
+def test_import_and_build_without_tensorflow(tmp_path, no_tensorflow):
     out = python(
-        NO_TENSORFLOW
+        no_tensorflow
         + f"""
 import importlib
 import keras, numpy as np

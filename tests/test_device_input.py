@@ -120,23 +120,16 @@ def test_train_on_device_input_records_it_and_keeps_it_on_resume(tmp_path, tiny_
     assert "{'input': ('device', 'host')}" in capsys.readouterr().err
 
 
-# A machine without TensorFlow: `import tensorflow` fails (tests/test_backends.py's hook).
-NO_TENSORFLOW_TRAIN = """
-import runpy, sys
-class _NoTensorFlow:
-    def find_spec(self, name, path=None, target=None):
-        if name == "tensorflow" or name.startswith("tensorflow."):
-            raise ModuleNotFoundError(f"No module named {name!r}")
-sys.meta_path.insert(0, _NoTensorFlow())
-sys.argv = [TRAIN, *sys.argv[1:]]
-runpy.run_path(TRAIN, run_name="__main__")
-"""
-
-
-def _jax_train(tmp_path, args, interrupt_at=None):
-    """train.py under JAX, TensorFlow hidden; SIGTERM once `interrupt_at` exists."""
+def _jax_train(tmp_path, hide_tensorflow, args, interrupt_at=None):
+    """train.py under JAX, TensorFlow hidden by the code `hide_tensorflow`;
+    SIGTERM once `interrupt_at` exists."""
     script = tmp_path / "no_tf_train.py"
-    script.write_text(f"TRAIN = {os.path.join(ROOT, 'train.py')!r}\n" + NO_TENSORFLOW_TRAIN)
+    train_py = os.path.join(ROOT, "train.py")
+    script.write_text(
+        hide_tensorflow
+        + f"import runpy\nsys.argv = [{train_py!r}, *sys.argv[1:]]\n"
+        + f"runpy.run_path({train_py!r}, run_name='__main__')\n"
+    )
     env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ROOT}
     proc = subprocess.Popen(
         [sys.executable, str(script), *args],
@@ -161,23 +154,25 @@ def _losses(run_dir):
 
 
 @pytest.mark.slow
-def test_jax_without_tensorflow_two_devices_equal_one_and_resume(tmp_path, tiny_args):
+def test_jax_without_tensorflow_two_devices_equal_one_and_resume(
+    tmp_path, tiny_args, no_tensorflow
+):
     """On JAX with TensorFlow missing, `--input auto` makes the batches on the
     device; over two (virtual CPU) devices with keras.distribution the run equals
     the one-device run on the same global batch (losses and weights), also when
     it was interrupted after its first epoch and resumed."""
     common = ["--epochs", "2", "--steps-per-epoch", "2", "--val-freq", "0", "--mixup", "0.2"]
-    code, out = _jax_train(tmp_path, tiny_args(*common, name="one"))
+    code, out = _jax_train(tmp_path, no_tensorflow, tiny_args(*common, name="one"))
     assert code == 0, out
     assert "trains on 1 device;" in out
     assert "input: augmented on the device (TensorFlow is not installed)" in out
 
     two = tiny_args(*common, "--cpu-replicas", "2", name="two")
     backup = tmp_path / "two" / "backup" / "epoch-00001.weights.h5"
-    code, out = _jax_train(tmp_path, two, interrupt_at=backup)
+    code, out = _jax_train(tmp_path, no_tensorflow, two, interrupt_at=backup)
     assert code == 128 + signal.SIGTERM, out
     assert "trains on 2 devices with keras.distribution.DataParallel" in out
-    code, out = _jax_train(tmp_path, two)
+    code, out = _jax_train(tmp_path, no_tensorflow, two)
     assert code == 0 and "resuming from the backup" in out, out
 
     np.testing.assert_allclose(_losses(tmp_path / "two"), _losses(tmp_path / "one"), rtol=1e-5)
