@@ -30,10 +30,15 @@ def build_parser():
 def main(argv=None):
     """`train.py` with `argv` (default `sys.argv[1:]`); returns the exit code."""
     config = cli.parse_config(TrainConfig, argv, PROG, __doc__.split("\n\n")[0])
-    cli.start_quietly(config.cpu_replicas)
+    return cli.run_main(PROG, _start_and_train, config)
+
+
+def _start_and_train(config):
+    """The devices started quietly (a cluster joined), then the run."""
+    cli.start_quietly(config.cpu_replicas, config.cluster_timeout)
     from nam_keras.training.experiment import train
 
-    return cli.run_main(PROG, train, config)
+    return train(config)
 
 
 if __name__ == "__main__":

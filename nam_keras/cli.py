@@ -37,15 +37,16 @@ EXIT_CODES = {
 LOGGER_NAME = "nam_keras"
 
 
-def start_quietly(cpu_replicas=0):
+def start_quietly(cpu_replicas=0, cluster_timeout=600.0):
     """Starts the Keras backend's devices inside `console.quiet_startup`, so
     that CUDA's probing noise is dropped before the first message of ours
     (`import nam_keras` drops TensorFlow's import noise for the command lines).
-    On JAX `cpu_replicas` > 1 asks for that many CPU devices (`--cpu-replicas`)."""
+    On JAX `cpu_replicas` > 1 asks for that many CPU devices (`--cpu-replicas`),
+    and `JAX_COORDINATOR_ADDRESS` joins a cluster (`distribute.start_devices`)."""
     from nam_keras.training import distribute
 
     with quiet_startup(enabled=os.environ.get(QUIET_START) == "1"):
-        distribute.start_devices(cpu_replicas)
+        distribute.start_devices(cpu_replicas, cluster_timeout)
         distribute.accelerators()
 
 

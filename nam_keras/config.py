@@ -482,7 +482,10 @@ class TrainConfig(DataConfig):
         resume=True,
     )
     jit_compile: str = setting(
-        "auto", "XLA; auto: on for GPUs, off for CPUs", "devices", choices=("auto", "on", "off")
+        "auto",
+        "XLA; auto: always on JAX; on TensorFlow on for GPUs, off for CPUs; off on PyTorch",
+        "devices",
+        choices=("auto", "on", "off"),
     )
     input: str = setting(
         "auto",
@@ -502,14 +505,15 @@ class TrainConfig(DataConfig):
     )
     cpu_replicas: int = setting(
         0,
-        "split the CPU into N logical devices and mirror over them (exercises the "
-        "multi-device path without GPUs)",
+        "split the CPU into N devices and train over them (tf.distribute on TensorFlow, "
+        "keras.distribution on JAX; exercises the multi-device path without GPUs)",
         "devices",
         type=non_negative_int,
     )
     cluster_timeout: float = setting(
         600.0,
-        "seconds to wait for the other workers named by TF_CONFIG before giving up",
+        "seconds to wait for the other workers (TF_CONFIG, or JAX_COORDINATOR_ADDRESS on JAX) "
+        "before giving up",
         "devices",
         type=non_negative_float,
     )

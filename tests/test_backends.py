@@ -252,6 +252,11 @@ def test_tensorflow_only_features_are_refused_by_name(tmp_path, run_script):
     assert proc.returncode == 2
     assert "--no-sync-bn needs tf.distribute, which only the TensorFlow backend has" in out
     assert "BN statistics over the global batch" in out
+    cluster = {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "two", **env}
+    proc = run_script("train.py", ["--dataset", "synthetic"], env=cluster)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    assert "train.py: error: JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers" in out
     assert not (tmp_path / "runs").exists()
     proc = run_script("evaluate.py", ["missing.keras", "--export", str(tmp_path / "x")], env=env)
     out, _ = proc.communicate(timeout=120)

@@ -87,6 +87,8 @@ def test_device_augmentation_equals_the_gather_on_the_device(tiny_set):
 
 
 def test_auto_input_and_what_cannot_work(monkeypatch):
+    monkeypatch.setattr(distribute, "backend", lambda: "tensorflow")
+    monkeypatch.setattr(distribute, "tensorflow_installed", lambda: True)
     assert distribute.resolve_input("auto") == ("host", "")
     assert distribute.resolve_input("device") == ("device", "")
     with pytest.raises(ConfigError, match="--randaugment has no device-side form"):
@@ -95,6 +97,8 @@ def test_auto_input_and_what_cannot_work(monkeypatch):
         distribute.resolve_input("device", replicas=2)
     with pytest.raises(ConfigError, match="no kernel for the Beta draws of --mixup/--cutmix"):
         distribute.resolve_input("device", xla_mixing=True)
+    monkeypatch.setattr(distribute, "backend", lambda: "jax")  # one step for all devices
+    assert distribute.resolve_input("device", replicas=2, xla_mixing=True) == ("device", "")
     assert distribute.resolve_input("host", randaugment=True, replicas=2) == ("host", "")
     monkeypatch.setattr(distribute, "tensorflow_installed", lambda: False)
     assert distribute.resolve_input("auto") == ("device", " (TensorFlow is not installed)")
@@ -148,9 +152,9 @@ def _jax_train(tmp_path, hide_tensorflow, args, interrupt_at=None):
     return proc.returncode, out
 
 
-def _losses(run_dir):
+def _column(run_dir, name):
     with open(run_dir / "log.csv", newline="") as f:
-        return [float(row["loss"]) for row in csv.DictReader(f)]
+        return [float(row[name]) for row in csv.DictReader(f)]
 
 
 @pytest.mark.slow
@@ -159,9 +163,10 @@ def test_jax_without_tensorflow_two_devices_equal_one_and_resume(
 ):
     """On JAX with TensorFlow missing, `--input auto` makes the batches on the
     device; over two (virtual CPU) devices with keras.distribution the run equals
-    the one-device run on the same global batch (losses and weights), also when
+    the one-device run on the same global batch (training and validation losses,
+    weights and BN statistics: per-device BN statistics would differ), also when
     it was interrupted after its first epoch and resumed."""
-    common = ["--epochs", "2", "--steps-per-epoch", "2", "--val-freq", "0", "--mixup", "0.2"]
+    common = ["--epochs", "2", "--steps-per-epoch", "2", "--val-steps", "1", "--mixup", "0.2"]
     code, out = _jax_train(tmp_path, no_tensorflow, tiny_args(*common, name="one"))
     assert code == 0, out
     assert "trains on 1 device;" in out
@@ -175,7 +180,10 @@ def test_jax_without_tensorflow_two_devices_equal_one_and_resume(
     code, out = _jax_train(tmp_path, no_tensorflow, two)
     assert code == 0 and "resuming from the backup" in out, out
 
-    np.testing.assert_allclose(_losses(tmp_path / "two"), _losses(tmp_path / "one"), rtol=1e-5)
+    for column in ("loss", "val_loss"):
+        np.testing.assert_allclose(
+            _column(tmp_path / "two", column), _column(tmp_path / "one", column), rtol=1e-5
+        )
     one = keras.models.load_model(tmp_path / "one.keras")
     two = keras.models.load_model(tmp_path / "two.keras")
     assert [w.path for w in one.weights] == [w.path for w in two.weights]  # the same layout
@@ -187,3 +195,9 @@ def test_jax_without_tensorflow_two_devices_equal_one_and_resume(
         "device",
         "keras.distribution.DataParallel",
     )
+    # a last validation batch that does not split over the devices: refused before training
+    odd = tiny_args("--synthetic-size", "64", "13", "--cpu-replicas", "2", name="odd")
+    code, out = _jax_train(tmp_path, no_tensorflow, odd)
+    assert code == 2, out
+    assert "end with a batch of 5, which does not split over the 2 devices" in out
+    assert "--val-steps 1 (the full batches)" in out

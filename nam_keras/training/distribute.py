@@ -58,7 +58,7 @@ class OneDevice:
         return contextlib.nullcontext()
 
 
-class DataParallel:
+class JaxDataParallel:
     """The "strategy" of several devices on JAX: `keras.distribution.DataParallel`.
 
     Inside `scope()` the variables are created replicated on every device and
@@ -78,12 +78,11 @@ class DataParallel:
         return self.distribution.scope()
 
 
-def start_devices(cpu_replicas=0):
+def start_devices(cpu_replicas=0, cluster_timeout=600.0):
     """Sets up JAX's devices before their first use (nothing on the other
-    backends): several hosts when `JAX_COORDINATOR_ADDRESS` is set
-    (`jax.distributed`, with `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`), and
-    `cpu_replicas` CPU devices when it is above 1. Calling it again with the
-    same arguments changes nothing."""
+    backends): `cpu_replicas` CPU devices when it is above 1, and several hosts
+    when `JAX_COORDINATOR_ADDRESS` is set (`join_jax_cluster`). Calling it
+    again with the same arguments changes nothing."""
     if backend() != "jax":
         return
     import jax
@@ -92,41 +91,59 @@ def start_devices(cpu_replicas=0):
         try:
             jax.config.update("jax_num_cpu_devices", cpu_replicas)
         except RuntimeError as err:  # JAX's devices are already in use in this process
-            raise ConfigError(
-                f"--cpu-replicas {cpu_replicas}: JAX's CPU devices were set up before train "
-                f"started ({err}); set XLA_FLAGS=--xla_force_host_platform_device_count="
-                f"{cpu_replicas} before Python starts instead."
-            ) from None
+            if len(jax.devices("cpu")) != cpu_replicas:  # e.g. not set by XLA_FLAGS either
+                raise ConfigError(
+                    f"--cpu-replicas {cpu_replicas}: JAX's CPU devices were set up before "
+                    f"train started ({err}); set XLA_FLAGS=--xla_force_host_platform_device_"
+                    f"count={cpu_replicas} before Python starts instead."
+                ) from None
     address = os.environ.get("JAX_COORDINATOR_ADDRESS")
     if address and not jax.distributed.is_initialized():
-        try:
-            jax.distributed.initialize(
-                address,
-                num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                process_id=int(os.environ["JAX_PROCESS_ID"]),
-            )
-        except (KeyError, ValueError) as err:
-            raise ConfigError(
-                f"JAX_COORDINATOR_ADDRESS={address} needs JAX_NUM_PROCESSES (the number of "
-                "hosts) and JAX_PROCESS_ID (this host's, from 0) as integers; "
-                f"{type(err).__name__}: {err}."
-            ) from None
+        join_jax_cluster(address, cluster_timeout)
 
 
-def jax_strategy(cpu_replicas=0):
-    """`DataParallel` over every device JAX has (the accelerators, or the CPU
-    devices; all hosts'), or `OneDevice` when it has one."""
-    start_devices(cpu_replicas)
-    devices = keras.distribution.list_devices()
-    return DataParallel(devices) if len(devices) > 1 else OneDevice()
+def join_jax_cluster(address, timeout):
+    """`jax.distributed.initialize` at the coordinator `address`, with
+    `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` where they are set (else JAX
+    reads them from the cluster: SLURM, Open MPI, ...); `ConfigError` after
+    `timeout` s without every process, or on malformed settings."""
+    import jax
+
+    names = {"JAX_NUM_PROCESSES": "num_processes", "JAX_PROCESS_ID": "process_id"}
+    try:
+        given = {key: int(os.environ[name]) for name, key in names.items() if name in os.environ}
+    except ValueError as err:
+        raise ConfigError(
+            f"JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers (the number of hosts, this "
+            f"host's index from 0); {err}."
+        ) from None
+    logger.info(f"joining the JAX cluster at {address} (--cluster-timeout {timeout:g} s)")
+    try:
+        jax.distributed.initialize(address, initialization_timeout=int(timeout), **given)
+    except (RuntimeError, ValueError) as err:  # XlaRuntimeError is a RuntimeError
+        raise ConfigError(
+            f"the JAX cluster at JAX_COORDINATOR_ADDRESS={address} did not start "
+            f"({type(err).__name__}: {err}); start train.py on every host with the same "
+            "address, JAX_NUM_PROCESSES and its own JAX_PROCESS_ID (--cluster-timeout sets the "
+            "wait)."
+        ) from None
+
+
+def jax_strategy(cpu_replicas=0, cluster_timeout=600.0):
+    """`JaxDataParallel` over every device JAX has (the accelerators, or the
+    CPU devices; all hosts'), or over `cpu_replicas` CPU devices when it is
+    above 1 (as `tf.distribute`'s logical CPUs); `OneDevice` for one device."""
+    start_devices(cpu_replicas, cluster_timeout)
+    devices = keras.distribution.list_devices("cpu" if cpu_replicas > 1 else None)
+    return JaxDataParallel(devices) if len(devices) > 1 else OneDevice()
 
 
 def fit_scope(strategy):
     """The context `model.fit` runs in: `keras.distribution`'s scope for
-    `DataParallel` (JAX reads the distribution when it compiles the step and
+    `JaxDataParallel` (JAX reads the distribution when it compiles the step and
     splits the batches); nothing for `tf.distribute`, whose models carry their
     strategy, and for one device."""
-    if isinstance(strategy, DataParallel):
+    if isinstance(strategy, JaxDataParallel):
         return strategy.scope()
     return contextlib.nullcontext()
 
@@ -452,7 +469,7 @@ def make_strategy(cpu_replicas=0, cluster_timeout=600.0):
     """
     check_backend_supports(cpu_replicas, tf_config=os.environ.get("TF_CONFIG"))
     if backend() == "jax":
-        return jax_strategy(cpu_replicas)
+        return jax_strategy(cpu_replicas, cluster_timeout)
     if backend() != "tensorflow":
         return OneDevice()
     import tensorflow as tf
@@ -478,7 +495,7 @@ def strategy_name(strategy):
     name = type(strategy).__name__
     if name.startswith("_Default") or name == "OneDevice":
         return "one device"
-    if isinstance(strategy, DataParallel):
+    if isinstance(strategy, JaxDataParallel):
         return "keras.distribution.DataParallel"
     return {"CollectiveAllReduceStrategy": "MultiWorkerMirroredStrategy"}.get(name, name)
 

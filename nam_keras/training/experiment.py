@@ -103,6 +103,7 @@ def load_datasets(config, devices):
     sources.check_batch_size(config.batch_size, len(arrays["train"][1]))
     if not config.val_freq:
         return arrays["train"], None
+    _check_validation_batches(config, devices, len(arrays["test"][1]))
     one_hot = cifar100.NUM_CLASSES if config.one_hot else None
     if devices.input == "device":
         images, labels = arrays["test"]
@@ -112,11 +113,29 @@ def load_datasets(config, devices):
     with console.quiet_startup(enabled=console.quiet_by_default()):  # CUDA's probing
         import tensorflow as tf
 
-        tf.config.list_physical_devices("GPU")
+        if distribute.backend() != "tensorflow":  # tf.data only: the GPUs stay the backend's
+            with contextlib.suppress(RuntimeError):  # TensorFlow already started: too late
+                tf.config.set_visible_devices([], "GPU")
     from nam_keras.data import pipeline
 
     ds = tf.data.Dataset.from_tensor_slices(arrays["test"])
     return arrays["train"], pipeline.eval_pipeline(ds, config.batch_size, one_hot=one_hot)
+
+
+def _check_validation_batches(config, devices, n_test):
+    """`ConfigError` when the last validation batch cannot be split over the
+    devices of `keras.distribution` (`tf.distribute` takes any batch)."""
+    if not isinstance(devices.strategy, distribute.JaxDataParallel):
+        return
+    batch, replicas = config.batch_size, devices.replicas
+    seen = n_test if config.val_steps is None else min(n_test, config.val_steps * batch)
+    if seen % batch % replicas:
+        raise ConfigError(
+            f"validation: the {n_test} test examples in batches of `batch_size={batch}` end "
+            f"with a batch of {seen % batch}, which does not split over the {replicas} "
+            f"devices. Pass `val_steps={seen // batch}` (the full batches), a `batch_size` "
+            f"whose remainder divides by {replicas}, or `val_freq=0`."
+        )
 
 
 def train_batches(config, devices, train_arrays, start_step=0):
@@ -198,7 +217,7 @@ def build_and_compile(config, devices):
             attention=None if config.model == "baseline" else config.model,
             stem=config.stem,
             width=config.width,
-            # on JAX the statistics are the global batch's without it (distribute.DataParallel)
+            # on JAX the statistics are the global batch's without it (distribute.JaxDataParallel)
             sync_bn=devices.sync_bn and distribute.backend() == "tensorflow",
             attention_kwargs=config.attention_kwargs or None,
             dtype=devices.precision,
