@@ -305,8 +305,6 @@ def training_batch(
     (B, num_classes) with MixUp, CutMix or `one_hot`.
     (RandAugment has no device-side form: `keras.layers.RandAugment` draws
     from its own state, not from a key.)"""
-    if augment not in AUGMENTATIONS:
-        raise ValueError(f"augment must be one of {sorted(AUGMENTATIONS)}; received {augment!r}.")
     index = batch_indices(step, seed, batch_size, images.shape[0])
     batch_labels = ops.take(labels, index, axis=0)
     if mixup or cutmix or one_hot:
