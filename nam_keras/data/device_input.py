@@ -29,6 +29,11 @@ from nam_keras.data import device_augment
 AUGMENTATIONS = tuple(device_augment.AUGMENTATIONS)
 
 
+def one_hot(labels, num_classes):
+    """Int class ids (N,) as float32 one-hot rows (N, num_classes), in NumPy."""
+    return np.eye(num_classes, dtype="float32")[labels]
+
+
 class TrainingBatches(keras.utils.PyDataset):
     """The endless uint8 training batches from global step `start_step` on.
 
@@ -108,7 +113,7 @@ class TrainingBatches(keras.utils.PyDataset):
         index = self.indices(step)[self.rows]
         labels = self.labels[index]
         if self.one_hot:
-            labels = np.eye(self.num_classes, dtype="float32")[labels]
+            labels = one_hot(labels, self.num_classes)
         return self.images[index], labels, np.full(len(index), step, dtype="int32")
 
 

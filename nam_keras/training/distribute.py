@@ -69,9 +69,9 @@ class JaxDataParallel:
     """
 
     def __init__(self, devices):
-        self.devices = list(devices)
-        self.distribution = keras.distribution.DataParallel(devices=self.devices)
-        self.num_replicas_in_sync = len(self.devices)
+        devices = list(devices)
+        self.distribution = keras.distribution.DataParallel(devices=devices)
+        self.num_replicas_in_sync = len(devices)
 
     def scope(self):
         """The distribution's scope: variables and `fit` under it are distributed."""

@@ -19,7 +19,6 @@ import os
 import time
 
 import keras
-import numpy as np
 from keras import ops
 
 from nam_keras import cifar100, cli, console
@@ -108,7 +107,7 @@ def load_datasets(config, devices):
     if devices.input == "device":
         images, labels = arrays["test"]
         if one_hot:
-            labels = np.eye(one_hot, dtype="float32")[labels]
+            labels = device_input.one_hot(labels, one_hot)
         return arrays["train"], (images, labels)
     with console.quiet_startup(enabled=console.quiet_by_default()):  # CUDA's probing
         import tensorflow as tf
