@@ -139,11 +139,12 @@ def interrupt_when(run_script):
     return run
 
 
-def forward_backward(fn, x, variables):
+def forward_backward(fn, x, variables, xla=False):
     """`[fn(x), d loss/dx, d loss/d variables...]` as float32 NumPy arrays, for a
     loss that is not a plain sum (so the incoming gradient varies). TensorFlow
-    (a tape) or JAX (`jax.grad` of a stateless call: the variables' updates,
-    such as moving statistics, are not applied)."""
+    (a tape; in a `jit_compile=True` function where `xla`) or JAX (`jax.grad` of
+    a stateless call: the variables' updates, such as moving statistics, are not
+    applied)."""
 
     def loss_of(out):
         out32 = keras.ops.cast(out, "float32")
@@ -163,12 +164,16 @@ def forward_backward(fn, x, variables):
         return [as_np(t) for t in (out, d_x, *d_values)]
     import tensorflow as tf
 
-    x = tf.convert_to_tensor(x)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        out = fn(x)
-        loss = loss_of(out)
-    grads = tape.gradient(loss, [x, *variables])
+    def tape_step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            out = fn(x)
+            loss = loss_of(out)
+        return out, tape.gradient(loss, [x, *variables])
+
+    if xla:
+        tape_step = tf.function(tape_step, jit_compile=True)
+    out, grads = tape_step(tf.convert_to_tensor(x))
     return [as_np(t) for t in (out, *grads)]
 
 

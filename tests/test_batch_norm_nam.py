@@ -69,9 +69,10 @@ def _loss(out, losses):
     return ops.sum(out * ops.cos(out)) + sum(losses)
 
 
-def step(layers, x, training=True):
+def step(layers, x, training=True, xla=False):
     """`(output, [d/dx, d/dgamma3, d/dbeta3, d/dgamma_nam, d/dbeta_nam], moving
-    statistics after the call)` as float64 NumPy, for a loss with the penalty."""
+    statistics after the call)` as float64 NumPy, for a loss with the penalty
+    (on TensorFlow in a `jit_compile=True` function where `xla`)."""
     trainable, moving = _trainable(layers), _moving(layers)
     if keras.backend.backend() == "jax":
         import jax
@@ -89,12 +90,15 @@ def step(layers, x, training=True):
     else:
         import tensorflow as tf
 
-        x = tf.constant(x)
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            out, losses = _apply(layers, x, training)
-            loss = _loss(out, losses)
-        grads = tape.gradient(loss, [x, *trainable])
+        def tape_step(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                out, losses = _apply(layers, x, training)
+                loss = _loss(out, losses)
+            return out, tape.gradient(loss, [x, *trainable])
+
+        run = tf.function(tape_step, jit_compile=True) if xla else tape_step
+        out, grads = run(tf.constant(x))
         new_moving = moving
     as_np = lambda t: np.asarray(ops.convert_to_numpy(ops.cast(t, "float32")), np.float64)
     return as_np(out), [as_np(g) for g in grads], [as_np(v) for v in new_moving]
@@ -119,6 +123,31 @@ def test_a_training_step_equals_bn_then_nam(rng, stop_gradient):
         _close(a, b, 2e-6, name)
     for name, a, b in zip(("bn3 mean", "bn3 var", "nam mean", "nam var"), got[2], want[2]):
         _close(a, b, 1e-6, f"moving {name}")
+
+
+@pytest.mark.tensorflow_only
+@pytest.mark.parametrize("training", [True, False])
+def test_under_xla_tensorflow_takes_the_fused_form(rng, training):
+    """In a `jit_compile=True` function (Keras' "auto" on a GPU) TensorFlow takes
+    the fused form, as JAX does (one variadic reduction, no BN kernel), and it
+    equals the two layers; without XLA it keeps the two fused kernels."""
+    import tensorflow as tf
+
+    x = rng.normal(0.7, 2.0, size=(4, 5, 6, 8)).astype("float32")
+    fused, reference = _pair(x.shape, rng)
+    got, want = step(fused, x, training, xla=True), step(reference, x, training)
+    _close(got[0], want[0], 1e-6, "output")
+    for name, a, b in zip(GRADIENTS, got[1], want[1]):
+        _close(a, b, 2e-6, name)
+    for name, a, b in zip(("bn3 mean", "bn3 var", "nam mean", "nam var"), got[2], want[2]):
+        _close(a, b, 1e-6, f"moving {name}")
+    graph = lambda **jit: tf.function(lambda t: fused(t, training=training), **jit)
+    traced = {
+        o.type for o in graph(jit_compile=True).get_concrete_function(x).graph.get_operations()
+    }
+    plain = {o.type for o in graph().get_concrete_function(x).graph.get_operations()}
+    assert "FusedBatchNormV3" not in traced and "FusedBatchNormV3" in plain
+    assert ("XlaVariadicReduceV2" in traced) == training
 
 
 def test_inference_folds_both_bns_into_one_affine(rng):

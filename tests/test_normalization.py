@@ -167,6 +167,33 @@ def test_scale_factor_is_folded_into_gamma_and_beta(rng, training):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.tensorflow_only
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_under_xla_tensorflow_takes_the_hand_written_gradient(rng, gradients, policy):
+    """In a `jit_compile=True` function (Keras' "auto" on a GPU) a training BN is
+    the hand-written gradient with one variadic reduction each way, not the
+    kernel: equal to Keras' BN, moving statistics included; without XLA, the kernel."""
+    x = (3.0 + 2.0 * rng.normal(size=(4, 5, 6, 8))).astype("float32")
+    fused, plain = _pair(x.shape, policy, rng)
+    got = gradients(lambda t: fused(t, training=True), x, [fused.gamma, fused.beta], xla=True)
+    want = gradients(lambda t: plain(t, training=True), x, [plain.gamma, plain.beta])
+    tol = POLICIES[policy]
+    for name, a, b in zip(("output", "d/dx", "d/dgamma", "d/dbeta"), got, want):
+        scale = max(1.0, float(np.abs(b).max()))
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * scale, err_msg=name)
+    tf.function(lambda t: fused(t, training=True), jit_compile=True)(x)
+    plain(x, training=True)
+    for a, b in (
+        (fused.moving_mean, plain.moving_mean),
+        (fused.moving_variance, plain.moving_variance),
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5)
+    compiled = tf.function(lambda t: fused(t, training=True), jit_compile=True)
+    traced = {op.type for op in compiled.get_concrete_function(x).graph.get_operations()}
+    assert "XlaVariadicReduceV2" in traced and "FusedBatchNormV3" not in traced
+    assert "FusedBatchNormV3" in _op_types(fused, tf.constant(x), True)
+
+
 def test_config_round_trip_keeps_fused():
     bn = FusedBatchNormalization(fused=False, name="bn", epsilon=1e-5)
     clone = FusedBatchNormalization.from_config(bn.get_config())

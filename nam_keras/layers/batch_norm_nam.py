@@ -19,7 +19,7 @@ forward-mode differentiation there; `keras.ops.custom_gradient` on
 TensorFlow): one pass reads the upstream gradient and `x` and produces the
 four per-channel sums the gradient needs, in one reduction; a second pass
 writes the input gradient. PyTorch leaves the same closed form to autodiff;
-TensorFlow takes it only for 16-bit training steps (see `BatchNormNAM`).
+TensorFlow without XLA takes it only for 16-bit training steps (see `BatchNormNAM`).
 That is what a plain BatchNormalization costs, so NAM's own cost nearly
 vanishes. It is the same function as BN3 then `NAMAttention`, so it has the
 same gradients; the tests hold it to the unfused layers.
@@ -42,6 +42,7 @@ from nam_keras.layers.normalization import (
     recomputed,
     update_moving_statistics,
     with_gradient,
+    xla_compiles,
 )
 
 #: backends whose `keras.ops.custom_gradient` the fused gradient uses; elsewhere
@@ -196,10 +197,11 @@ class BatchNormNAM(NAMAttention):
     into one affine. `build_resnet` uses it for the last BN and the NAM of
     every block (`fuse_attention=True`, the default).
 
-    Where the fused form does not apply (a frozen BN in training) or does
-    not pay (TensorFlow, whose fused BN kernel is faster without XLA, but
-    for a 16-bit training step, where the fused form keeps the modulation)
-    it calls its two layers one after the other: the same function.
+    Where the fused form does not apply (a frozen BN in training, a training
+    step with `tf.distribute`'s cross-replica statistics) or does not pay
+    (TensorFlow without XLA, whose fused BN kernels are faster there, but for
+    a 16-bit training step, where the fused form keeps the modulation) it
+    calls its two layers one after the other: the same function.
 
     Precision: the BNs, the gate and the product are computed in float32
     (float64 in a float64 layer) from the input, whatever the policy, and
@@ -261,16 +263,20 @@ class BatchNormNAM(NAMAttention):
         return "float64" if self.compute_dtype == "float64" else "float32"
 
     def _fusable(self, training):
-        """Whether `call` takes the fused form. On TensorFlow (no XLA) its two fused
-        BN kernels run faster than any fused form measured (docs/performance.md):
-        there it is taken only where it changes the result, a 16-bit training step
-        (the BN output unrounded). In inference too: there grappler fuses the first
-        BN into its convolution, and no form of the gate measured cheaper (the gate
-        reads `y` twice, so it fills a new buffer per block; docs/performance.md,
-        "Serving")."""
-        if keras.backend.backend() == "tensorflow":
+        """Whether `call` takes the fused form: wherever XLA compiles (JAX; TensorFlow
+        in a `jit_compile=True` function), but never for a training step with
+        `tf.distribute`'s cross-replica statistics. On TensorFlow without XLA its
+        two fused BN kernels run faster than any fused form measured
+        (docs/performance.md): there it is taken only where it changes the result,
+        a 16-bit training step (the BN output unrounded). In inference too: there
+        grappler fuses the first BN into its convolution, and no form of the gate
+        measured cheaper (the gate reads `y` twice, so it fills a new buffer per
+        block; docs/performance.md, "Serving")."""
+        if training and self.input_bn.synchronized:  # tf.distribute's cross-replica statistics
+            return False
+        if keras.backend.backend() == "tensorflow" and not xla_compiles():
             sixteen_bit = self.compute_dtype in ("float16", "bfloat16")
-            return bool(training) and sixteen_bit and not self.synchronized and self._trains()
+            return bool(training) and sixteen_bit and self._trains()
         return not training or self._trains()
 
     def _trains(self):

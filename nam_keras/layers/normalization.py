@@ -1,6 +1,8 @@
 """The network's BatchNormalization: the reference settings, and a fast path
-on each backend where it applies (TensorFlow's fused kernel; on JAX a
-hand-written gradient whose reductions XLA fuses into one pass each way).
+on each backend where it applies: where XLA compiles the step (JAX; TensorFlow
+with `jit_compile=True`, Keras' "auto" on a GPU), a hand-written gradient whose
+reductions XLA fuses into one pass each way; on TensorFlow without XLA, the
+fused kernel.
 
 Every BN of `build_resnet` and of the attention modules comes from
 `batch_normalization`, so their settings and the fast paths live here and
@@ -9,6 +11,7 @@ nowhere else; the per-channel reductions and moving averages that
 """
 
 import contextlib
+import functools
 
 import keras
 from keras import ops
@@ -46,31 +49,75 @@ def checked_bn_settings(epsilon, momentum, prefix=""):
     return float(epsilon), float(momentum)
 
 
+def xla_compiles():
+    """Whether XLA compiles the computation being traced: always on JAX; on
+    TensorFlow inside a `jit_compile=True` function (a Keras step with
+    `jit_compile=True`, Keras' "auto" on a GPU). There XLA fuses element-wise
+    work into the passes around it, so the hand-written gradients pay on both;
+    without XLA TensorFlow's fused BN kernels are faster."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        return True
+    if backend != "tensorflow":
+        return False
+    import tensorflow as tf
+    from tensorflow.python.ops import control_flow_util  # TF's own test of an XLA context
+
+    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+
+
 def channel_sums(*terms):
     """Per-channel sums over every axis but the last of each channels-last term.
 
-    On JAX all of them are one variadic reduction, which XLA fuses with the
-    element-wise producers of its operands: one read of their inputs, none of
-    the terms written out (separate sums make XLA write the terms first).
+    Where XLA compiles (`xla_compiles`) all of them are one variadic
+    reduction, which XLA fuses with the element-wise producers of its
+    operands: one read of their inputs, none of the terms written out
+    (separate sums make XLA write the terms first).
     """
     axes = tuple(range(len(terms[0].shape) - 1))
-    if keras.backend.backend() != "jax":
-        return [ops.sum(t, axis=axes) for t in terms]
-    from jax import lax
+    backend = keras.backend.backend()
+    if backend == "jax":
+        from jax import lax
 
-    zeros = tuple(ops.zeros((), t.dtype) for t in terms)
-    return lax.reduce(terms, zeros, lambda a, b: tuple(p + q for p, q in zip(a, b)), axes)
+        zeros = tuple(ops.zeros((), t.dtype) for t in terms)
+        return lax.reduce(terms, zeros, lambda a, b: tuple(p + q for p, q in zip(a, b)), axes)
+    if xla_compiles():  # TensorFlow in an XLA-compiled function
+        from tensorflow.compiler.tf2xla.python import xla
+
+        zeros = [ops.zeros((), t.dtype) for t in terms]
+        adder = _tensorflow_adder(tuple(t.dtype for t in terms))
+        return xla.variadic_reduce(list(terms), zeros, list(axes), adder)
+    return [ops.sum(t, axis=axes) for t in terms]
+
+
+@functools.cache
+def _tensorflow_adder(dtypes):
+    """The reducer of `channel_sums` on TensorFlow: `(a..., b...) -> a + b`, elementwise."""
+    import tensorflow as tf
+
+    n = len(dtypes)
+
+    def add(*ab):
+        return tuple(ab[i] + ab[n + i] for i in range(n))
+
+    specs = [tf.TensorSpec((), dtype) for dtype in dtypes] * 2
+    return tf.function(add, autograph=False).get_concrete_function(*specs)
 
 
 def recomputed(*tensors):
-    """`tensors` unchanged; on JAX behind an optimisation barrier, so that XLA
-    recomputes what a second pass derives from them instead of sharing (and
-    so writing out) the first pass's intermediate values."""
-    if keras.backend.backend() != "jax":
-        return tensors
-    from jax import lax
+    """`tensors` unchanged; where XLA compiles, behind an optimisation barrier,
+    so that XLA recomputes what a second pass derives from them instead of
+    sharing (and so writing out) the first pass's intermediate values."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        from jax import lax
 
-    return lax.optimization_barrier(tensors)
+        return lax.optimization_barrier(tensors)
+    if xla_compiles():  # TensorFlow in an XLA-compiled function
+        from tensorflow.compiler.tf2xla.python import xla
+
+        return tuple(xla.optimization_barrier(*tensors))
+    return tensors
 
 
 def moments(x):
@@ -180,15 +227,18 @@ def batch_norm_training(x, gamma, beta, epsilon):
 
 @keras.saving.register_keras_serializable(package="nam_keras")
 class FusedBatchNormalization(keras.layers.BatchNormalization):
-    """`keras.layers.BatchNormalization` with TensorFlow's fused kernel.
+    """`keras.layers.BatchNormalization` with a fast path on each backend.
 
-    On the TensorFlow backend, for a rank-4 channels-last input without a
-    mask, it computes the normalisation with one `FusedBatchNormV3` kernel
-    (oneDNN on CPUs, cuDNN on GPUs; one pass over the feature map and one
-    for the gradient, no float32 round trip under mixed precision) instead
-    of Keras' separate moments, normalisation and casts. Everywhere else
-    (other backends, `synchronized=True`, masks, other ranks or axes) it is
-    `keras.layers.BatchNormalization` unchanged.
+    In training where XLA compiles the step (`xla_compiles`: JAX, or
+    TensorFlow in a `jit_compile=True` function) it is `batch_norm_training`,
+    a hand-written gradient with one pass for both batch sums forward and one
+    each way backward. Otherwise on TensorFlow, for a rank-4 channels-last
+    input without a mask, it computes the normalisation with one
+    `FusedBatchNormV3` kernel (oneDNN on CPUs, cuDNN on GPUs; one pass over
+    the feature map and one for the gradient, no float32 round trip under
+    mixed precision) instead of Keras' separate moments, normalisation and
+    casts. Everywhere else (PyTorch, `synchronized=True` on TensorFlow, masks,
+    other ranks or axes) it is `keras.layers.BatchNormalization` unchanged.
 
     Both paths hold the same variables under the same names and update the
     moving statistics identically, with Keras' meaning of momentum and the
@@ -243,7 +293,8 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     def _uses_custom_gradient(self, inputs, mask, training):
         return (
             self.fused is not False
-            and keras.backend.backend() == "jax"
+            and not self.synchronized
+            and xla_compiles()
             and training
             and self.trainable
             and mask is None
@@ -254,10 +305,10 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
         )
 
     def call(self, inputs, training=None, mask=None, scale_factor=None):
-        if self._uses_fused_kernel(inputs, mask):
-            return self._fused_call(inputs, training, scale_factor)
         if self._uses_custom_gradient(inputs, mask, training):
             return self._custom_gradient_call(inputs, scale_factor)
+        if self._uses_fused_kernel(inputs, mask):
+            return self._fused_call(inputs, training, scale_factor)
         outputs = super().call(inputs, training=training, mask=mask)
         if scale_factor is not None:
             outputs = outputs * ops.cast(scale_factor, outputs.dtype)
