@@ -1,10 +1,13 @@
 """Keras 3 on every backend: nam_keras without TensorFlow, .keras files across
 backends, train.py on JAX, clear errors for what stays TensorFlow-only.
 
-Each backend runs in a child process (Keras picks its backend once per process).
+Each other backend runs in a child process (Keras picks its backend once per
+process); TensorFlow, the suite's, runs here where a child would only cost time.
 """
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -52,9 +55,9 @@ print("same predictions", keras.backend.backend())
 """
 
 
-def python(code, backend, cwd, check=True):
-    """Runs `code` in a child Python under `KERAS_BACKEND=backend`."""
-    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+def python(code, backend, cwd, check=True, env=None):
+    """Runs `code` in a child Python under `KERAS_BACKEND=backend` (and `env`)."""
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
@@ -84,9 +87,23 @@ MODEL_SIDE_TESTS = [
 ]
 
 
-#: The tests the JAX run skips (tests/conftest.py), and why.
-SKIPPED_ON_JAX = "tensorflow_only or backend_independent"
+#: The markers of the tests the JAX run skips (tests/conftest.py), and why.
+SKIPPED_ON_JAX = ("tensorflow_only", "backend_independent")
 SKIP_REASONS = ("TensorFlow-only; KERAS_BACKEND=jax", "the same on every backend")
+
+#: A pytest plugin (`-p`) for the JAX run, which learns in the same process (no
+#: second collection) which tests must skip: it writes to $NAM_MARKED the node ids
+#: of those carrying one of the markers, as `-m "tensorflow_only or ..."` selects them.
+MARKED_PLUGIN = f"""
+import json, os
+def pytest_collection_finish(session):
+    marked = [
+        item.nodeid for item in session.items
+        if {{mark.name for mark in item.iter_markers()}} & {set(SKIPPED_ON_JAX)!r}
+    ]
+    with open(os.environ["NAM_MARKED"], "w") as f:
+        json.dump(marked, f)
+"""
 
 
 def _junit_key(nodeid):
@@ -100,23 +117,23 @@ def test_model_side_suite_passes_on_jax(tmp_path):
     """The layer, model, optimizer and callback tests, run again under JAX: every
     one passes, except those marked TensorFlow-only or backend-independent, which
     (and only which) skip."""
+    (tmp_path / "nam_marked.py").write_text(MARKED_PLUGIN)
     env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    pytest_cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider"]
-    run = {"cwd": ROOT, "env": env, "capture_output": True, "text": True}
-    # which tests must skip: a collection only (nothing runs), selected by marker
-    marked = subprocess.run(
-        [*pytest_cmd, "--collect-only", "-m", SKIPPED_ON_JAX, *MODEL_SIDE_TESTS],
-        timeout=300,
-        **run,
-    )
-    assert marked.returncode in (0, 5), marked.stdout[-3000:] + marked.stderr[-2000:]  # 5: none
-    must_skip = {_junit_key(line) for line in marked.stdout.splitlines() if "::" in line}
-
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    env["NAM_MARKED"] = str(marked := tmp_path / "marked.json")
     report = tmp_path / "jax.xml"
+    plugins = ["-p", "no:xdist", "-p", "no:cacheprovider", "-p", "nam_marked"]
     proc = subprocess.run(
-        [*pytest_cmd, f"--junitxml={report}", *MODEL_SIDE_TESTS], timeout=600, **run
+        [sys.executable, "-m", "pytest", "-q", *plugins, f"--junitxml={report}", *MODEL_SIDE_TESTS],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    # which tests must skip: those carrying the markers, as the plugin found them
+    must_skip = {_junit_key(nodeid) for nodeid in json.loads(marked.read_text())}
     outcomes, reasons = {}, set()
     for case in ElementTree.parse(report).getroot().iter("testcase"):
         key = (case.get("classname"), case.get("name"))
@@ -191,6 +208,9 @@ print(counts)
 """,
         "jax",
         tmp_path,
+        # etils (JAX's compilation cache) asks find_spec("tensorflow"), which the hook
+        # makes raise, not answer None as without TensorFlow: the cache would fail.
+        env={"EPATH_USE_TF": "false"},
     ).stdout
     # the tf.data pipeline stays TensorFlow; the export imports it only when used
     assert "nam_keras.data.pipeline -> No module named 'tensorflow'" in out
@@ -200,15 +220,29 @@ print(counts)
     assert (counts["nam"], counts["se"], counts["cbam"]) == (128, 162, 264)
 
 
-def test_keras_files_travel_tensorflow_to_jax_and_back(tmp_path):
+def on_tensorflow(code, cwd, monkeypatch):
+    """`python(code, "tensorflow", cwd).stdout`, run in this process where it runs
+    TensorFlow (the suite's backend): no child to start, which costs seconds."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return python(code, "tensorflow", cwd).stdout
+    out = io.StringIO()
+    with monkeypatch.context() as here, contextlib.redirect_stdout(out):
+        here.chdir(cwd)
+        exec(textwrap.dedent(code), {"__name__": "__main__"})
+    return out.getvalue()
+
+
+def test_keras_files_travel_tensorflow_to_jax_and_back(tmp_path, monkeypatch):
     """Written on TensorFlow, read on JAX with the same predictions; written on
-    JAX, read on TensorFlow likewise (three processes, not four)."""
-    python(WRITE, "tensorflow", tmp_path)
+    JAX, read on TensorFlow likewise (one JAX process; TensorFlow's side here)."""
+    on_tensorflow(WRITE, tmp_path, monkeypatch)
     there = tmp_path / "jax"
     there.mkdir()
     back = READ + f"\nimport os\nos.chdir({str(there)!r})\n" + WRITE
     assert "same predictions jax" in python(back, "jax", tmp_path).stdout
-    assert "same predictions tensorflow" in python(READ, "tensorflow", there).stdout
+    assert "same predictions tensorflow" in on_tensorflow(READ, there, monkeypatch)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="PyTorch not installed")
