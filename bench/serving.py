@@ -3,6 +3,7 @@
     python bench/serving.py                   # exports untrained ResNet-50s: baseline, NAM
                                               # (BatchNormNAM) and NAM unfused (BN, NAMAttention)
     python bench/serving.py --saved-model export/nam/1
+    python bench/serving.py --xla --throughput-calls 7   # the Keras models, with and without XLA
 
 Calls the `serving_default` signature through `tf.saved_model.load`, as TF
 Serving's session would run the same graph. The batch-128 calls of the models
@@ -65,6 +66,38 @@ def measure(paths, args):
     return rows
 
 
+def measure_xla(args, batch=128):
+    """The inference of untrained ResNet-50s (baseline, NAM) in this process, as
+    `tf.function`s without and with XLA (`jit_compile`; what a SavedModel's
+    function would be with it), timed in turns: `{label: {xla: figures}}`."""
+    from nam_keras import build_resnet
+
+    images = tf.constant(np.random.default_rng(0).uniform(0, 255, (batch, 32, 32, 3)), tf.float32)
+    calls = {}
+    for label, attention in (("baseline", None), ("nam", "nam")):
+        model = build_resnet(attention=attention)
+        for xla in (False, True):
+            fn = tf.function(
+                lambda x, m=model: tf.nn.softmax(m(x, training=False)), jit_compile=xla
+            )
+            calls[label, xla] = lambda fn=fn: fn(images).numpy()
+            harness.timed(calls[label, xla], 0, 2)
+    cpu = {key: [] for key in calls}
+    for _ in range(args.throughput_calls):
+        for key, call in calls.items():
+            start = time.process_time()
+            call()
+            cpu[key].append(time.process_time() - start)
+    rows = {}
+    for (label, xla), times in cpu.items():
+        base = np.array(cpu["baseline", xla])
+        rows.setdefault(label, {})[f"xla={xla}"] = {
+            "cpu_ms_per_image": 1e3 * float(np.median(times)) / batch,
+            "cpu_time_vs_baseline": float(np.median(np.array(times) / base)),
+        }
+    return rows
+
+
 def main(argv=None):
     p = harness.parser(__doc__, steps=200, warmup=10)
     p.add_argument(
@@ -73,7 +106,24 @@ def main(argv=None):
         "(baseline and NAM, Keras BN and fused BN)",
     )
     p.add_argument("--throughput-calls", type=int, default=10)
+    p.add_argument(
+        "--xla",
+        action="store_true",
+        help="instead: the Keras models in this process, without and with XLA (batch 128)",
+    )
     args = p.parse_args(argv)
+    if args.xla:
+        rows = measure_xla(args)
+        print(f"machine: {harness.machine()}; batch 128, median of {args.throughput_calls} rounds")
+        for label, by_xla in rows.items():
+            for xla, r in by_xla.items():
+                print(
+                    f"{label:<10} {xla:<10} {r['cpu_ms_per_image']:6.2f} ms CPU per image, "
+                    f"{r['cpu_time_vs_baseline']:.3f}x the baseline's CPU time",
+                    flush=True,
+                )
+        harness.write_json(args.json, {"xla_rows": rows})
+        return rows
 
     if args.saved_model:
         models = {args.saved_model: args.saved_model}

@@ -5,17 +5,22 @@
     python bench/xla_cost.py --modules nam,nam_unfused   # BatchNormNAM against BN then NAM
     python bench/xla_cost.py --nam-kwargs '{}' --nam-kwargs '{"float32_gate": false}'
     python bench/xla_cost.py --smoke                    # seconds: depth 18, width 4, 16x16
+    KERAS_BACKEND=tensorflow python bench/xla_cost.py   # TensorFlow's step, jit_compile=True
 
 Device-independent and quick: nothing is timed and nothing runs, so any
-machine gives the same table (needs Keras, JAX and NumPy; no TensorFlow, no
-GPU; KERAS_BACKEND=jax is set here). For every module, `nam_keras.build_resnet`
-under `--precision` and the jitted training step of bench/gpu.py
-(`keras_train_step`: forward, backward, TorchSGD update; one step per
-execution) are lowered with abstract inputs and compiled by XLA for the CPU,
-and `compiled.cost_analysis()` gives the step's FLOPs and bytes accessed
-(reads plus writes of every HLO instruction after XLA's fusion), printed
-absolute and relative to the plain ResNet. Bytes, not FLOPs, track the cost of
-the element-wise parts (BN, gates, casts) that make a step memory-bound.
+machine gives the same table (needs Keras, JAX and NumPy; no GPU). For every
+module, `nam_keras.build_resnet` under `--precision` and the jitted training
+step of bench/gpu.py (`keras_train_step`: forward, backward, TorchSGD update;
+one step per execution) are lowered with abstract inputs and compiled by XLA
+for the CPU, and `compiled.cost_analysis()` gives the step's FLOPs and bytes
+accessed (reads plus writes of every HLO instruction after XLA's fusion),
+printed absolute and relative to the plain ResNet. Bytes, not FLOPs, track the
+cost of the element-wise parts (BN, gates, casts) that make a step
+memory-bound. KERAS_BACKEND is jax unless set; under
+`KERAS_BACKEND=tensorflow` the step is TensorFlow's own (same model, loss and
+optimizer) compiled with `jit_compile=True`, as Keras' "auto" does on a GPU,
+and jaxlib's XLA costs TensorFlow's HLO of it (bench/tensorflow_xla.py; needs
+TensorFlow too).
 `--nam-kwargs` (repeatable) adds one NAM row per JSON dict of `NAMAttention`
 arguments, so NAM variants can be compared in one run. A JAX compilation
 cache, where one is configured, gives the same figures (only `compile_s`, the
@@ -96,6 +101,33 @@ def step_costs(cfg, attention, kwargs, device, build_kwargs=None):
     return row
 
 
+def tensorflow_step_costs(cfg, attention, kwargs, build_kwargs=None):
+    """`step_costs` for TensorFlow's own step compiled with XLA
+    (bench/tensorflow_xla.py): the same model, loss and optimizer."""
+    from tensorflow_xla import step_cost_analysis
+
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    model = build_resnet(
+        depth=cfg["depth"],
+        width=cfg["width"],
+        attention=attention,
+        attention_kwargs=kwargs or None,
+        input_shape=(cfg["size"], cfg["size"], 3),
+        dtype=cfg["precision"],
+        **(build_kwargs or {}),
+    )
+    optimizer = TorchSGD(learning_rate=0.01)
+    if cfg["precision"] == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer.build(model.trainable_variables)
+    start = time.perf_counter()
+    row = cost_figures(step_cost_analysis(model, optimizer, cfg["batch"], cfg["size"]))
+    row["compile_s"] = time.perf_counter() - start
+    row["parameters"] = model.count_params()
+    return row
+
+
 def module_list(args):
     """`[(label, attention, kwargs, build_kwargs)]`: the baseline first, one NAM
     row per `--nam-kwargs` (and per `nam_unfused`)."""
@@ -154,9 +186,10 @@ def main(argv=None):
     )
     p.add_argument("--smoke", action="store_true", help="depth 18, width 4, 16x16, batch 4")
     args = p.parse_args(argv)
-    if keras.backend.backend() != "jax":
+    backend = keras.backend.backend()
+    if backend not in ("jax", "tensorflow"):
         raise SystemExit(
-            f"bench/xla_cost.py runs on KERAS_BACKEND=jax (got {keras.backend.backend()})"
+            f"bench/xla_cost.py runs on KERAS_BACKEND=jax or tensorflow (got {backend})"
         )
     import jax
     import jaxlib
@@ -165,18 +198,27 @@ def main(argv=None):
     cfg.update(SMOKE if args.smoke else {}, precision=args.precision)
     device = jax.devices("cpu")[0]
     software = {"keras": keras.__version__, "jax": jax.__version__, "jaxlib": jaxlib.__version__}
-    print(f"machine: {harness.machine()}; {software}; compiled for {device}")
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        software["tensorflow"] = tf.__version__
+    print(f"machine: {harness.machine()}; {software}; {backend}'s step compiled for {device}")
     print_header(cfg)
     rows = []
     for label, attention, kwargs, build_kwargs in module_list(args):
         r = {"module": label, "attention": attention, "attention_kwargs": kwargs, **build_kwargs}
-        r.update(step_costs(cfg, attention, kwargs, device, build_kwargs))
+        if backend == "tensorflow":
+            r.update(tensorflow_step_costs(cfg, attention, kwargs, build_kwargs))
+        else:
+            r.update(step_costs(cfg, attention, kwargs, device, build_kwargs))
         base = rows[0] if rows else r
         r["flops_ratio"] = r["flops"] / base["flops"]
         r["bytes_ratio"] = r["bytes_accessed"] / base["bytes_accessed"]
         rows.append(r)
         print_row(r)
-    harness.write_json(args.json, {"settings": cfg, "software": software, "rows": rows})
+    harness.write_json(
+        args.json, {"settings": cfg, "backend": backend, "software": software, "rows": rows}
+    )
     return rows
 
 
