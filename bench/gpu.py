@@ -34,8 +34,8 @@ eager and `torch.compile`.
 Reports images/s, each model's cost against the baseline (the baseline's
 images/s over the model's, where the model is fastest) and its fraction of the
 measured bf16 matmul peak, NAM against PyTorch, and end to end against the
-step. `--smoke`: ResNet-18 of width 4, batch 8; end to end for NAM only, 2
-epochs x 2 steps on one CPU device.
+step. `--smoke`: ResNet-18 of width 2, batch 8, one warm-up call and one timed;
+end to end for NAM only, 2 epochs x 2 steps on one CPU device.
 """
 
 import csv
@@ -89,13 +89,13 @@ FULL = {
 }
 SMOKE = {
     "depth": 18,
-    "width": 4,
+    "width": 2,  # a call of the 2-step loop at XLA -O0 (the tests'): 0.3 s; at width 4, 1.1-1.7
     "size": 32,  # train.py's synthetic images are CIFAR's
     "batches": (8,),
     "precisions": ("mixed_bfloat16",),
     "spe": (1, 2),  # a step, and steps in a loop
     "steps": 1,
-    "warmup": 2,  # the second call may compile again (donated state's layouts)
+    "warmup": 1,  # compiles; the timed call runs on the state it returned (donated)
     "matmul": 256,
     "compile": False,
     "end_to_end": {
