@@ -148,6 +148,12 @@ def test_under_xla_tensorflow_takes_the_fused_form(rng, training):
     plain = {o.type for o in graph().get_concrete_function(x).graph.get_operations()}
     assert "FusedBatchNormV3" not in traced and "FusedBatchNormV3" in plain
     assert ("XlaVariadicReduceV2" in traced) == training
+    # BNs synchronised by tf.distribute keep their own cross-replica statistics
+    synced = BatchNormNAM(synchronized=True)
+    synced.build(x.shape)
+    compiled = tf.function(lambda t: synced(t, training=training), jit_compile=True)
+    ops_used = {o.type for o in compiled.get_concrete_function(x).graph.get_operations()}
+    assert "XlaVariadicReduceV2" not in ops_used
 
 
 def test_inference_folds_both_bns_into_one_affine(rng):
@@ -161,7 +167,8 @@ def test_inference_folds_both_bns_into_one_affine(rng):
 
 def test_the_folded_inference_form_is_the_two_layers_on_every_backend(rng):
     """`bn_nam_inference` against BN then NAM, also where `call` does not take it
-    in inference (TensorFlow keeps the two layers there: `BatchNormNAM._fusable`)."""
+    in inference (TensorFlow without XLA keeps the two layers there:
+    `BatchNormNAM._fusable`)."""
     x = rng.normal(0.7, 2.0, size=(3, 4, 4, 8)).astype("float32")
     fused, reference = _pair(x.shape, rng)
     bn3, nam = fused.input_bn, fused.channel_bn
@@ -187,31 +194,38 @@ def test_the_custom_gradient_equals_autodiff_of_the_closed_form(rng):
     x = rng.normal(0.3, 1.5, size=(4, 3, 3, 6)).astype("float32")
     params = [rng.uniform(0.5, 1.5, 6).astype("float32") for _ in range(4)]
 
-    def run(custom):
+    def run(custom, xla=False):
         def fn(x, *p):
             out = batch_norm_nam.bn_nam_training(x, *p, 1e-5, 1e-5, custom=custom)[0]
             return ops.sum(out * ops.sin(out))
 
-        return _grad(fn, x, *params)
+        return _grad(fn, x, *params, xla=xla)
 
     for name, a, b in zip(("x", "gamma3", "beta3", "k", "d"), run(True), run(False)):
         _close(a, b, 2e-6, name)
+    if keras.backend.backend() == "tensorflow":  # under XLA the sums are XLA's own reduction
+        for name, a, b in zip(("x", "gamma3", "beta3", "k", "d"), run(True), run(False, True)):
+            _close(a, b, 2e-6, f"{name} under XLA")
 
 
-def _grad(fn, *args):
-    """Gradients of the scalar `fn(*args)` with respect to every argument."""
+def _grad(fn, *args, xla=False):
+    """Gradients of the scalar `fn(*args)` with respect to every argument
+    (on TensorFlow in a `jit_compile=True` function where `xla`)."""
     if keras.backend.backend() == "jax":
         import jax
 
         return [np.asarray(g) for g in jax.grad(fn, argnums=tuple(range(len(args))))(*args)]
     import tensorflow as tf
 
-    args = [tf.constant(a) for a in args]
-    with tf.GradientTape() as tape:
-        for a in args:
-            tape.watch(a)
-        value = fn(*args)
-    return [np.asarray(g) for g in tape.gradient(value, args)]
+    def tape_gradient(*args):
+        with tf.GradientTape() as tape:
+            for a in args:
+                tape.watch(a)
+            value = fn(*args)
+        return tape.gradient(value, args)
+
+    run = tf.function(tape_gradient, jit_compile=True) if xla else tape_gradient
+    return [np.asarray(g) for g in run(*[tf.constant(a) for a in args])]
 
 
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])

@@ -192,6 +192,12 @@ def test_under_xla_tensorflow_takes_the_hand_written_gradient(rng, gradients, po
     traced = {op.type for op in compiled.get_concrete_function(x).graph.get_operations()}
     assert "XlaVariadicReduceV2" in traced and "FusedBatchNormV3" not in traced
     assert "FusedBatchNormV3" in _op_types(fused, tf.constant(x), True)
+    synced = FusedBatchNormalization(synchronized=True)  # tf.distribute's statistics: Keras'
+    synced.build(x.shape)
+    compiled = tf.function(lambda t: synced(t, training=True), jit_compile=True)
+    assert "XlaVariadicReduceV2" not in {
+        op.type for op in compiled.get_concrete_function(x).graph.get_operations()
+    }
 
 
 def test_config_round_trip_keeps_fused():

@@ -72,10 +72,11 @@ def _affine_gated(x, a, b, p, q):
     return ops.sigmoid(p * x + q) * (a * x + b)
 
 
-def _training_forward(x, gamma3, beta3, k, d, eps3, eps_nam):
+def _training_forward(x, gamma3, beta3, k, d, eps3, eps_nam, differentiable=False):
     """`(out, (mean, v, var_y), (inv, c, s))`: the block end with batch
-    statistics, the statistics, and the per-channel figures of the gradient."""
-    mean, v = moments(ops.cast(x, gamma3.dtype))
+    statistics, the statistics, and the per-channel figures of the gradient
+    (`differentiable`: autodiff goes through the statistics; see `moments`)."""
+    mean, v = moments(ops.cast(x, gamma3.dtype), differentiable=differentiable)
     inv = ops.rsqrt(v + eps3)
     c, var_y, s = _nam_scale(v, gamma3, k, eps3, eps_nam)
     a, p = gamma3 * inv, c * inv
@@ -85,7 +86,7 @@ def _training_forward(x, gamma3, beta3, k, d, eps3, eps_nam):
 
 def _training_closed_form(x, gamma3, beta3, k, d, eps3, eps_nam):
     """The block end in training, left to autodiff: `(out, mean, v, var_y)`."""
-    out, statistics, _ = _training_forward(x, gamma3, beta3, k, d, eps3, eps_nam)
+    out, statistics, _ = _training_forward(x, gamma3, beta3, k, d, eps3, eps_nam, True)
     return (out, *(ops.stop_gradient(t) for t in statistics))
 
 

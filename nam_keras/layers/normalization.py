@@ -61,18 +61,23 @@ def xla_compiles():
     if backend != "tensorflow":
         return False
     import tensorflow as tf
-    from tensorflow.python.ops import control_flow_util  # TF's own test of an XLA context
 
-    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+    try:  # TF's own test of an XLA context (private: without it, TF's BN kernels, also right)
+        from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext
+    except ImportError:
+        return False
+    return bool(GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
 
-def channel_sums(*terms):
+def channel_sums(*terms, differentiable=False):
     """Per-channel sums over every axis but the last of each channels-last term.
 
     Where XLA compiles (`xla_compiles`) all of them are one variadic
     reduction, which XLA fuses with the element-wise producers of its
     operands: one read of their inputs, none of the terms written out
-    (separate sums make XLA write the terms first).
+    (separate sums make XLA write the terms first). TensorFlow's variadic
+    reduction has no gradient: `differentiable=True` (sums that autodiff
+    goes through) takes plain sums there.
     """
     axes = tuple(range(len(terms[0].shape) - 1))
     backend = keras.backend.backend()
@@ -81,7 +86,7 @@ def channel_sums(*terms):
 
         zeros = tuple(ops.zeros((), t.dtype) for t in terms)
         return lax.reduce(terms, zeros, lambda a, b: tuple(p + q for p, q in zip(a, b)), axes)
-    if xla_compiles():  # TensorFlow in an XLA-compiled function
+    if xla_compiles() and not differentiable:  # TensorFlow in an XLA-compiled function
         from tensorflow.compiler.tf2xla.python import xla
 
         zeros = [ops.zeros((), t.dtype) for t in terms]
@@ -120,16 +125,17 @@ def recomputed(*tensors):
     return tensors
 
 
-def moments(x):
+def moments(x, differentiable=False):
     """Per-channel batch mean and biased variance of a channels-last `x`, in
     one pass: the sums of `x - k` and `(x - k)**2`, with `k` the first pixel
     of each channel. Shifted by a value of the same channel, the variance
     keeps its precision when the mean is large against the spread (unshifted,
-    `E[x**2] - mean**2` in float32 loses it all from about mean / std = 100)."""
+    `E[x**2] - mean**2` in float32 loses it all from about mean / std = 100).
+    `differentiable`: see `channel_sums`."""
     n = ops.cast(ops.prod(ops.shape(x)[:-1]), x.dtype)
     shift = ops.stop_gradient(ops.reshape(x, (-1, ops.shape(x)[-1]))[0])
     shifted = x - shift
-    total, squares = channel_sums(shifted, ops.square(shifted))
+    total, squares = channel_sums(shifted, ops.square(shifted), differentiable=differentiable)
     offset = total / n
     return shift + offset, ops.maximum(squares / n - ops.square(offset), 0.0)
 
@@ -237,8 +243,9 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     `FusedBatchNormV3` kernel (oneDNN on CPUs, cuDNN on GPUs; one pass over
     the feature map and one for the gradient, no float32 round trip under
     mixed precision) instead of Keras' separate moments, normalisation and
-    casts. Everywhere else (PyTorch, `synchronized=True` on TensorFlow, masks,
-    other ranks or axes) it is `keras.layers.BatchNormalization` unchanged.
+    casts. Everywhere else (PyTorch; where XLA compiles, inference and frozen
+    BNs; `synchronized=True` on TensorFlow; masks, other ranks or axes) it is
+    `keras.layers.BatchNormalization` unchanged.
 
     Both paths hold the same variables under the same names and update the
     moving statistics identically, with Keras' meaning of momentum and the
@@ -250,9 +257,10 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     (1.00002 for batch 64 on 32x32).
 
     Args:
-        fused: `None` (default) uses the fused kernel where it applies;
-            `False` always takes Keras' path (the reference the tests compare
-            the kernel against). `True` is the same as `None`.
+        fused: `None` (default) uses the fast paths (the hand-written
+            gradient, the fused kernel) where they apply; `False` always takes
+            Keras' path (the reference the tests compare them against). `True`
+            is the same as `None`.
         **kwargs: the arguments of `keras.layers.BatchNormalization`.
 
     Call arguments:
