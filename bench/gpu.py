@@ -156,6 +156,16 @@ def build_model(cfg, name, precision=None):
     )
 
 
+def step_optimizer(model, precision):
+    """The benchmarks' optimizer of `model`, built: TorchSGD, loss-scaled under
+    mixed_float16."""
+    optimizer = TorchSGD(learning_rate=0.01)
+    if precision == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer.build(model.trainable_variables)
+    return optimizer
+
+
 def keras_images_per_s(cfg, name, batch, precision, spe):
     """Training images/s of our ResNet for `name` (one of MODELS) on JAX by
     `keras_train_step`, data on the device."""
@@ -163,10 +173,7 @@ def keras_images_per_s(cfg, name, batch, precision, spe):
 
     size = cfg["size"]
     model = build_model(cfg, name, precision)
-    optimizer = TorchSGD(learning_rate=0.01)
-    if precision == "mixed_float16":
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    optimizer.build(model.trainable_variables)
+    optimizer = step_optimizer(model, precision)
     rng = np.random.default_rng(0)
     x = jax.device_put(rng.uniform(0, 255, (batch, size, size, 3)).astype("float32"))
     y = jax.device_put(rng.integers(0, 100, batch).astype("int32"))

@@ -32,6 +32,24 @@ def export_fresh(attention, **build):
     return export_saved_model(model, os.path.join(tempfile.mkdtemp(), "m"))
 
 
+def in_turns(calls, rounds):
+    """`(wall, cpu)`: per key of `calls` (`{key: fn}`), the wall and process-CPU
+    seconds of each call, one call of each per round, so that other load on the
+    machine reaches each alike."""
+    wall, cpu = ({key: [] for key in calls} for _ in range(2))
+    for _ in range(rounds):
+        for key, call in calls.items():
+            start = time.process_time()
+            wall[key].append(harness.timed(call, 1, 0)[0])
+            cpu[key].append(time.process_time() - start)
+    return wall, cpu
+
+
+def median_ratio(times, reference):
+    """The median of the per-round ratios `times / reference`."""
+    return float(np.median(np.array(times) / np.array(reference)))
+
+
 def measure(paths, args):
     """Batch-1 latency percentiles of each SavedModel, then the batch-128
     throughput of all of them, timed in turns."""
@@ -46,23 +64,19 @@ def measure(paths, args):
         return lambda: serve(images=images)["probabilities"].numpy()
 
     rows = {}
-    times, cpu = ({label: [] for label in serves} for _ in range(2))
     for label, serve in serves.items():
         _, lat = harness.timed(call(serve, one), args.steps, args.warmup)
         rows[label] = {f"p{q}_ms": np.percentile(lat, q) * 1e3 for q in (50, 99)}
         for _ in range(2):  # warm-up of the batch of 128
             call(serve, many)()
-    for _ in range(args.throughput_calls):
-        for label, serve in serves.items():
-            start = time.process_time()
-            times[label].append(harness.timed(call(serve, many), 1, 0)[0])
-            cpu[label].append(time.process_time() - start)
+    calls = {label: call(serve, many) for label, serve in serves.items()}
+    times, cpu = in_turns(calls, args.throughput_calls)
     first = np.median(next(iter(times.values())))
-    first_cpu = np.array(next(iter(cpu.values())))
+    first_cpu = next(iter(cpu.values()))
     for label, t in times.items():
         rows[label]["throughput_images_per_s"] = 128 / np.median(t)
         rows[label]["time_vs_first"] = np.median(t) / first
-        rows[label]["cpu_time_vs_first"] = float(np.median(np.array(cpu[label]) / first_cpu))
+        rows[label]["cpu_time_vs_first"] = median_ratio(cpu[label], first_cpu)
     return rows
 
 
@@ -83,18 +97,12 @@ def measure_xla(args, batch=128):
             calls[label, xla] = lambda fn=fn: fn(images).numpy()
             for _ in range(2):  # compiles, then runs once more untimed
                 calls[label, xla]()
-    cpu = {key: [] for key in calls}
-    for _ in range(args.throughput_calls):
-        for key, call in calls.items():
-            start = time.process_time()
-            call()
-            cpu[key].append(time.process_time() - start)
+    _, cpu = in_turns(calls, args.throughput_calls)
     rows = {}
     for (label, xla), times in cpu.items():
-        base = np.array(cpu["baseline", xla])
         rows.setdefault(label, {})[f"xla={xla}"] = {
             "cpu_ms_per_image": 1e3 * float(np.median(times)) / batch,
-            "cpu_time_vs_baseline": float(np.median(np.array(times) / base)),
+            "cpu_time_vs_baseline": median_ratio(times, cpu["baseline", xla]),
         }
     return rows
 

@@ -36,9 +36,9 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import harness
 import keras
-from gpu import keras_train_step
+from gpu import keras_train_step, step_optimizer
 
-from nam_keras import TorchSGD, build_resnet
+from nam_keras import build_resnet
 
 MODULES = ("baseline", "nam", "se", "cbam", "bam")
 #: extra rows by name: (attention, build_resnet arguments)
@@ -66,46 +66,9 @@ def abstract(value, device):
     return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
 
 
-def step_costs(cfg, attention, kwargs, device, build_kwargs=None):
-    """Cost figures of one compiled training step of the ResNet with `attention`."""
-    import jax
-
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(0)
-    size = cfg["size"]
-    model = build_resnet(
-        depth=cfg["depth"],
-        width=cfg["width"],
-        attention=attention,
-        attention_kwargs=kwargs or None,
-        input_shape=(size, size, 3),
-        dtype=cfg["precision"],
-        **(build_kwargs or {}),
-    )
-    optimizer = TorchSGD(learning_rate=0.01)
-    if cfg["precision"] == "mixed_float16":
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    optimizer.build(model.trainable_variables)
-    state = [
-        [abstract(v.value, device) for v in variables]
-        for variables in (model.trainable_variables, model.non_trainable_variables)
-    ] + [[abstract(v.value, device) for v in optimizer.variables]]
-    sharding = jax.sharding.SingleDeviceSharding(device)
-    x = jax.ShapeDtypeStruct((cfg["batch"], size, size, 3), "float32", sharding=sharding)
-    y = jax.ShapeDtypeStruct((cfg["batch"],), "int32", sharding=sharding)
-    start = time.perf_counter()
-    compiled = keras_train_step(model, optimizer, 1).lower(state, x, y).compile()
-    row = cost_figures(compiled.cost_analysis())
-    row["compile_s"] = time.perf_counter() - start
-    row["parameters"] = model.count_params()
-    return row
-
-
-def tensorflow_step_costs(cfg, attention, kwargs, build_kwargs=None):
-    """`step_costs` for TensorFlow's own step compiled with XLA
-    (bench/tensorflow_xla.py): the same model, loss and optimizer."""
-    from tensorflow_xla import step_cost_analysis
-
+def model_and_optimizer(cfg, attention, kwargs, build_kwargs=None):
+    """A fresh, seeded ResNet of `cfg` with `attention` under `cfg["precision"]`,
+    and its optimizer as bench/gpu.py builds it (`step_optimizer`)."""
     keras.backend.clear_session()
     keras.utils.set_random_seed(0)
     model = build_resnet(
@@ -117,12 +80,37 @@ def tensorflow_step_costs(cfg, attention, kwargs, build_kwargs=None):
         dtype=cfg["precision"],
         **(build_kwargs or {}),
     )
-    optimizer = TorchSGD(learning_rate=0.01)
-    if cfg["precision"] == "mixed_float16":
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    optimizer.build(model.trainable_variables)
+    return model, step_optimizer(model, cfg["precision"])
+
+
+def jax_step_analysis(model, optimizer, cfg, device):
+    """`cost_analysis()` of bench/gpu.py's jitted step, lowered with abstract inputs on `device`."""
+    import jax
+
+    state = [
+        [abstract(v.value, device) for v in variables]
+        for variables in (model.trainable_variables, model.non_trainable_variables)
+    ] + [[abstract(v.value, device) for v in optimizer.variables]]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    size = cfg["size"]
+    x = jax.ShapeDtypeStruct((cfg["batch"], size, size, 3), "float32", sharding=sharding)
+    y = jax.ShapeDtypeStruct((cfg["batch"],), "int32", sharding=sharding)
+    return keras_train_step(model, optimizer, 1).lower(state, x, y).compile().cost_analysis()
+
+
+def step_costs(cfg, attention, kwargs, device, build_kwargs=None):
+    """Cost figures of one compiled training step of the ResNet with `attention`:
+    JAX's, or under KERAS_BACKEND=tensorflow TensorFlow's own step compiled with
+    XLA (bench/tensorflow_xla.py: the same model, loss and optimizer)."""
+    model, optimizer = model_and_optimizer(cfg, attention, kwargs, build_kwargs)
     start = time.perf_counter()
-    row = cost_figures(step_cost_analysis(model, optimizer, cfg["batch"], cfg["size"]))
+    if keras.backend.backend() == "tensorflow":
+        from tensorflow_xla import step_cost_analysis
+
+        analysis = step_cost_analysis(model, optimizer, cfg["batch"], cfg["size"])
+    else:
+        analysis = jax_step_analysis(model, optimizer, cfg, device)
+    row = cost_figures(analysis)
     row["compile_s"] = time.perf_counter() - start
     row["parameters"] = model.count_params()
     return row
@@ -207,10 +195,7 @@ def main(argv=None):
     rows = []
     for label, attention, kwargs, build_kwargs in module_list(args):
         r = {"module": label, "attention": attention, "attention_kwargs": kwargs, **build_kwargs}
-        if backend == "tensorflow":
-            r.update(tensorflow_step_costs(cfg, attention, kwargs, build_kwargs))
-        else:
-            r.update(step_costs(cfg, attention, kwargs, device, build_kwargs))
+        r.update(step_costs(cfg, attention, kwargs, device, build_kwargs))
         base = rows[0] if rows else r
         r["flops_ratio"] = r["flops"] / base["flops"]
         r["bytes_ratio"] = r["bytes_accessed"] / base["bytes_accessed"]

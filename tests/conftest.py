@@ -183,6 +183,21 @@ def gradients():
     return forward_backward
 
 
+def traced_op_types(layer, x, training, jit_compile=False):
+    """The TensorFlow op types of `layer(x, training=training)` traced in a
+    `tf.function` (a `jit_compile=True` one where `jit_compile`); nothing runs."""
+    import tensorflow as tf
+
+    fn = tf.function(lambda t: layer(t, training=training), jit_compile=jit_compile)
+    return {op.type for op in fn.get_concrete_function(x).graph.get_operations()}
+
+
+@pytest.fixture
+def op_types():
+    """`op_types(layer, x, training, jit_compile=False)`, see `traced_op_types`."""
+    return traced_op_types
+
+
 def write_cifar_archive(path, n_train=6, n_test=4, seed=0, folder=False, drop=None):
     """Writes CIFAR-100 in its real python format: pickles with b"data"
     (N, 3072) uint8 in CHW order, b"fine_labels", b"coarse_labels".

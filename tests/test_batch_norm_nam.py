@@ -127,12 +127,10 @@ def test_a_training_step_equals_bn_then_nam(rng, stop_gradient):
 
 @pytest.mark.tensorflow_only
 @pytest.mark.parametrize("training", [True, False])
-def test_under_xla_tensorflow_takes_the_fused_form(rng, training):
+def test_under_xla_tensorflow_takes_the_fused_form(rng, op_types, training):
     """In a `jit_compile=True` function (Keras' "auto" on a GPU) TensorFlow takes
     the fused form, as JAX does (one variadic reduction, no BN kernel), and it
     equals the two layers; without XLA it keeps the two fused kernels."""
-    import tensorflow as tf
-
     x = rng.normal(0.7, 2.0, size=(4, 5, 6, 8)).astype("float32")
     fused, reference = _pair(x.shape, rng)
     got, want = step(fused, x, training, xla=True), step(reference, x, training)
@@ -141,19 +139,13 @@ def test_under_xla_tensorflow_takes_the_fused_form(rng, training):
         _close(a, b, 2e-6, name)
     for name, a, b in zip(("bn3 mean", "bn3 var", "nam mean", "nam var"), got[2], want[2]):
         _close(a, b, 1e-6, f"moving {name}")
-    graph = lambda **jit: tf.function(lambda t: fused(t, training=training), **jit)
-    traced = {
-        o.type for o in graph(jit_compile=True).get_concrete_function(x).graph.get_operations()
-    }
-    plain = {o.type for o in graph().get_concrete_function(x).graph.get_operations()}
-    assert "FusedBatchNormV3" not in traced and "FusedBatchNormV3" in plain
+    traced = op_types(fused, x, training, jit_compile=True)
+    assert "FusedBatchNormV3" not in traced and "FusedBatchNormV3" in op_types(fused, x, training)
     assert ("XlaVariadicReduceV2" in traced) == training
     # BNs synchronised by tf.distribute keep their own cross-replica statistics
     synced = BatchNormNAM(synchronized=True)
     synced.build(x.shape)
-    compiled = tf.function(lambda t: synced(t, training=training), jit_compile=True)
-    ops_used = {o.type for o in compiled.get_concrete_function(x).graph.get_operations()}
-    assert "XlaVariadicReduceV2" not in ops_used
+    assert "XlaVariadicReduceV2" not in op_types(synced, x, training, jit_compile=True)
 
 
 def test_inference_folds_both_bns_into_one_affine(rng):

@@ -131,21 +131,16 @@ def test_moving_variance_is_the_biased_batch_variance(rng):
     np.testing.assert_allclose(np.asarray(bn.moving_variance), x.var((0, 1, 2)), rtol=1e-5)
 
 
-def _op_types(layer, x, training):
-    fn = tf.function(lambda t: layer(t, training=training))
-    return {op.type for op in fn.get_concrete_function(x).graph.get_operations()}
-
-
 @pytest.mark.tensorflow_only
-def test_the_kernel_is_used_only_where_it_applies(rng):
+def test_the_kernel_is_used_only_where_it_applies(rng, op_types):
     x = tf.constant(rng.normal(size=(2, 4, 4, 8)).astype("float32"))
     for training in (True, False):
-        ops_used = _op_types(FusedBatchNormalization(), x, training)
+        ops_used = op_types(FusedBatchNormalization(), x, training)
         assert "FusedBatchNormV3" in ops_used and "Mean" not in ops_used
-    assert "FusedBatchNormV3" not in _op_types(FusedBatchNormalization(fused=False), x, True)
-    assert "FusedBatchNormV3" not in _op_types(FusedBatchNormalization(synchronized=True), x, True)
+    assert "FusedBatchNormV3" not in op_types(FusedBatchNormalization(fused=False), x, True)
+    assert "FusedBatchNormV3" not in op_types(FusedBatchNormalization(synchronized=True), x, True)
     flat = tf.reshape(x, (2, 16, 8))
-    assert "FusedBatchNormV3" not in _op_types(FusedBatchNormalization(axis=1), flat, True)
+    assert "FusedBatchNormV3" not in op_types(FusedBatchNormalization(axis=1), flat, True)
 
 
 @pytest.mark.tensorflow_only
@@ -169,7 +164,7 @@ def test_scale_factor_is_folded_into_gamma_and_beta(rng, training):
 
 @pytest.mark.tensorflow_only
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
-def test_under_xla_tensorflow_takes_the_hand_written_gradient(rng, gradients, policy):
+def test_under_xla_tensorflow_takes_the_hand_written_gradient(rng, gradients, op_types, policy):
     """In a `jit_compile=True` function (Keras' "auto" on a GPU) a training BN is
     the hand-written gradient with one variadic reduction each way, not the
     kernel: equal to Keras' BN, moving statistics included; without XLA, the kernel."""
@@ -188,16 +183,12 @@ def test_under_xla_tensorflow_takes_the_hand_written_gradient(rng, gradients, po
         (fused.moving_variance, plain.moving_variance),
     ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5)
-    compiled = tf.function(lambda t: fused(t, training=True), jit_compile=True)
-    traced = {op.type for op in compiled.get_concrete_function(x).graph.get_operations()}
+    traced = op_types(fused, x, True, jit_compile=True)
     assert "XlaVariadicReduceV2" in traced and "FusedBatchNormV3" not in traced
-    assert "FusedBatchNormV3" in _op_types(fused, tf.constant(x), True)
+    assert "FusedBatchNormV3" in op_types(fused, tf.constant(x), True)
     synced = FusedBatchNormalization(synchronized=True)  # tf.distribute's statistics: Keras'
     synced.build(x.shape)
-    compiled = tf.function(lambda t: synced(t, training=True), jit_compile=True)
-    assert "XlaVariadicReduceV2" not in {
-        op.type for op in compiled.get_concrete_function(x).graph.get_operations()
-    }
+    assert "XlaVariadicReduceV2" not in op_types(synced, x, True, jit_compile=True)
 
 
 def test_config_round_trip_keeps_fused():
